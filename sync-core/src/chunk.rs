@@ -1,0 +1,169 @@
+//! Content chunking: a file at or below [`SINGLE_CHUNK_MAX`] bytes is one
+//! chunk named by its whole-file hash; a larger file is cut with FastCDC
+//! (16/64/256 KiB) so that appended or shifted data resends only what
+//! changed. No IO: callers hand in the bytes (usually an mmap).
+
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::hash::{ChunkId, FileHash};
+
+/// Files up to this size travel as one chunk.
+pub const SINGLE_CHUNK_MAX: u64 = 256 * 1024;
+/// FastCDC minimum chunk size.
+pub const CDC_MIN: usize = 16 * 1024;
+/// FastCDC average chunk size.
+pub const CDC_AVG: usize = 64 * 1024;
+/// FastCDC maximum chunk size; also the largest chunk anyone may send.
+pub const CDC_MAX: usize = 256 * 1024;
+/// Below this, parallel hashing costs more than it saves.
+const PARALLEL_MIN: usize = 1 << 20;
+
+/// One chunk of a multi-chunk file, in file order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ChunkRef {
+    pub id: ChunkId,
+    pub len: u32,
+}
+
+/// What a file's content hashes to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Content {
+    pub size: u64,
+    pub hash: FileHash,
+    /// Empty for a file of at most [`SINGLE_CHUNK_MAX`] bytes: its single
+    /// chunk is named by `hash`.
+    pub chunks: Vec<ChunkRef>,
+}
+
+/// Hash and chunk `data`, the whole content of one file.
+pub fn chunk_content(data: &[u8]) -> Content {
+    let size = data.len() as u64;
+    if size <= SINGLE_CHUNK_MAX {
+        return Content {
+            size,
+            hash: FileHash::of(data),
+            chunks: Vec::new(),
+        };
+    }
+    let cuts: Vec<(usize, usize)> = cut_points(data).collect();
+    let (hash, chunks) = if data.len() >= PARALLEL_MIN {
+        rayon::join(
+            || {
+                let mut h = blake3::Hasher::new();
+                h.update_rayon(data);
+                FileHash::from(h.finalize())
+            },
+            || {
+                cuts.par_iter()
+                    .map(|&(off, len)| chunk_ref(&data[off..off + len]))
+                    .collect::<Vec<_>>()
+            },
+        )
+    } else {
+        let chunks = cuts
+            .iter()
+            .map(|&(off, len)| chunk_ref(&data[off..off + len]))
+            .collect();
+        (FileHash::of(data), chunks)
+    };
+    Content { size, hash, chunks }
+}
+
+fn chunk_ref(piece: &[u8]) -> ChunkRef {
+    ChunkRef {
+        id: ChunkId::of(piece),
+        len: piece.len() as u32,
+    }
+}
+
+/// (offset, length) of each content-defined chunk of `data`.
+pub fn cut_points(data: &[u8]) -> impl Iterator<Item = (usize, usize)> + '_ {
+    fastcdc::v2020::FastCDC::new(data, CDC_MIN, CDC_AVG, CDC_MAX).map(|c| (c.offset, c.length))
+}
+
+/// The chunks of a file entry as (id, offset, length), whichever form it has.
+pub fn chunk_spans(
+    size: u64,
+    hash: FileHash,
+    chunks: &[ChunkRef],
+) -> impl Iterator<Item = (ChunkId, u64, u32)> + '_ {
+    let single = (chunks.is_empty() && size > 0).then_some((ChunkId::from(hash), 0, size as u32));
+    let mut off = 0u64;
+    single.into_iter().chain(chunks.iter().map(move |c| {
+        let span = (c.id, off, c.len);
+        off += c.len as u64;
+        span
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+        let mut out = Vec::with_capacity(len + 32);
+        let mut ctr = seed;
+        while out.len() < len {
+            out.extend_from_slice(blake3::hash(&ctr.to_le_bytes()).as_bytes());
+            ctr += 1;
+        }
+        out.truncate(len);
+        out
+    }
+
+    fn reassemble(data: &[u8], c: &Content) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (id, off, len) in chunk_spans(c.size, c.hash, &c.chunks) {
+            let piece = &data[off as usize..off as usize + len as usize];
+            assert_eq!(ChunkId::of(piece), id);
+            out.extend_from_slice(piece);
+        }
+        out
+    }
+
+    #[test]
+    fn small_file_is_one_chunk_named_by_its_hash() {
+        let data = pseudo_random(1000, 1);
+        let c = chunk_content(&data);
+        assert!(c.chunks.is_empty());
+        assert_eq!(c.hash, FileHash::of(&data));
+        assert_eq!(chunk_spans(c.size, c.hash, &c.chunks).count(), 1);
+        assert_eq!(chunk_spans(0, FileHash::of(b""), &[]).count(), 0);
+    }
+
+    #[test]
+    fn large_file_whole_hash_matches_b3sum_and_chunks_are_bounded() {
+        let data = pseudo_random(3 << 20, 2);
+        let c = chunk_content(&data);
+        assert_eq!(c.hash, FileHash::of(&data));
+        assert!(c.chunks.len() > 4);
+        assert!(c.chunks.iter().all(|r| r.len as usize <= CDC_MAX));
+        assert_eq!(reassemble(&data, &c), data);
+    }
+
+    #[test]
+    fn an_insertion_changes_few_chunks() {
+        let data = pseudo_random(4 << 20, 3);
+        let mut edited = data[..1 << 20].to_vec();
+        edited.extend_from_slice(b"inserted bytes");
+        edited.extend_from_slice(&data[1 << 20..]);
+        let a = chunk_content(&data);
+        let b = chunk_content(&edited);
+        let old: std::collections::HashSet<_> = a.chunks.iter().map(|c| c.id).collect();
+        let new = b.chunks.iter().filter(|c| !old.contains(&c.id)).count();
+        assert!(new <= 3, "{new} new chunks after a small insertion");
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(32))]
+        #[test]
+        fn chunks_reassemble(len in 0usize..1_500_000, seed in any::<u64>()) {
+            let data = pseudo_random(len, seed);
+            let c = chunk_content(&data);
+            prop_assert_eq!(c.size, len as u64);
+            prop_assert_eq!(reassemble(&data, &c), data);
+        }
+    }
+}

@@ -1,0 +1,12 @@
+//! `sync-core`: the content-addressed tree model and everything that decides
+//! what to hash, send, write, rename or delete. Protocol decisions are
+//! sans-IO; the filesystem-facing modules (`scan`, `store`, `commit`,
+//! `verify`) do blocking IO only and never run an async reactor.
+
+pub mod chunk;
+pub mod diff;
+pub mod hash;
+pub mod manifest;
+
+pub use hash::{ChunkId, FileHash, SnapshotId, TreeId};
+pub use manifest::{Entry, Kind, Manifest, Tree};
