@@ -3,10 +3,12 @@
 //! sans-IO; the filesystem-facing modules (`scan`, `store`, `commit`,
 //! `verify`) do blocking IO only and never run an async reactor.
 
+pub mod cache;
 pub mod chunk;
 pub mod diff;
 pub mod hash;
 pub mod manifest;
+pub mod scan;
 
 pub use hash::{ChunkId, FileHash, SnapshotId, TreeId};
 pub use manifest::{Entry, Kind, Manifest, Tree};

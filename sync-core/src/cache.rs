@@ -1,0 +1,204 @@
+//! The persistent hash cache: what each file hashed to last time, keyed by
+//! (dev, inode) and trusted only while size, mtime and ctime are unchanged,
+//! so that a rescan of an unchanged tree reads no file content. Blocking
+//! file IO only (load and save); a damaged cache is ignored, never fatal.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use crate::chunk::{ChunkRef, CDC_MAX};
+use crate::hash::{ChunkId, FileHash};
+
+const MAGIC: [u8; 4] = *b"SYHC";
+const VERSION: u16 = 1;
+const MAX_RECORDS: usize = 256 << 20;
+/// Entries modified this close to the scan are not cached: a write within
+/// the filesystem's timestamp granularity could go unnoticed.
+pub const RACY_WINDOW_NS: i64 = 2_000_000_000;
+
+/// The stat fields that must be unchanged for a cached hash to be reused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct StatKey {
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub ctime_ns: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cached {
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub ctime_ns: i64,
+    pub hash: FileHash,
+    pub chunks: Box<[ChunkRef]>,
+}
+
+/// Hashes from the last scan and the ones gathered by this scan.
+#[derive(Debug, Default)]
+pub struct HashCache {
+    old: HashMap<(u64, u64), Cached>,
+}
+
+impl HashCache {
+    /// Load a cache file; a missing or damaged file gives an empty cache.
+    pub fn load(path: &Path) -> HashCache {
+        match std::fs::read(path) {
+            Ok(bytes) => match decode(&bytes) {
+                Some(old) => HashCache { old },
+                None => {
+                    tracing::warn!(path = %path.display(), "hash cache is damaged; rescanning all content");
+                    HashCache::default()
+                }
+            },
+            Err(_) => HashCache::default(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.old.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.old.is_empty()
+    }
+
+    /// The cached hash for a file whose stat matches exactly.
+    pub fn get(&self, key: &StatKey) -> Option<&Cached> {
+        self.old.get(&(key.dev, key.ino)).filter(|c| {
+            c.size == key.size && c.mtime_ns == key.mtime_ns && c.ctime_ns == key.ctime_ns
+        })
+    }
+}
+
+/// Write `records` as the new cache, atomically (temp file and rename).
+pub fn save(path: &Path, records: &[(StatKey, FileHash, Box<[ChunkRef]>)]) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut out = Vec::with_capacity(16 + records.len() * 84);
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&(records.len() as u64).to_le_bytes());
+    for (k, hash, chunks) in records {
+        for v in [k.dev, k.ino, k.size, k.mtime_ns as u64, k.ctime_ns as u64] {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        out.extend_from_slice(hash.as_bytes());
+        out.extend_from_slice(&(chunks.len() as u32).to_le_bytes());
+        for c in chunks.iter() {
+            out.extend_from_slice(c.id.as_bytes());
+            out.extend_from_slice(&c.len.to_le_bytes());
+        }
+    }
+    let tmp = tmp_name(path);
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(&out)?;
+    drop(f);
+    std::fs::rename(&tmp, path)
+}
+
+fn tmp_name(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_owned();
+    name.push(format!(".tmp{}", std::process::id()));
+    path.with_file_name(name)
+}
+
+fn decode(bytes: &[u8]) -> Option<HashMap<(u64, u64), Cached>> {
+    let mut r = bytes;
+    let mut take = |n: usize| -> Option<&[u8]> {
+        if r.len() < n {
+            return None;
+        }
+        let (a, b) = r.split_at(n);
+        r = b;
+        Some(a)
+    };
+    if take(4)? != MAGIC || u16::from_le_bytes(take(2)?.try_into().ok()?) != VERSION {
+        return None;
+    }
+    let n = u64::from_le_bytes(take(8)?.try_into().ok()?) as usize;
+    if n > MAX_RECORDS || n > bytes.len() / 76 {
+        return None;
+    }
+    let mut map = HashMap::with_capacity(n);
+    for _ in 0..n {
+        let mut v = [0u64; 5];
+        for x in &mut v {
+            *x = u64::from_le_bytes(take(8)?.try_into().ok()?);
+        }
+        let hash = FileHash(take(32)?.try_into().ok()?);
+        let nchunks = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
+        if nchunks > bytes.len() / 36 {
+            return None;
+        }
+        let mut chunks = Vec::with_capacity(nchunks);
+        for _ in 0..nchunks {
+            let id = ChunkId(take(32)?.try_into().ok()?);
+            let len = u32::from_le_bytes(take(4)?.try_into().ok()?);
+            if len == 0 || len as usize > CDC_MAX {
+                return None;
+            }
+            chunks.push(ChunkRef { id, len });
+        }
+        map.insert(
+            (v[0], v[1]),
+            Cached {
+                size: v[2],
+                mtime_ns: v[3] as i64,
+                ctime_ns: v[4] as i64,
+                hash,
+                chunks: chunks.into(),
+            },
+        );
+    }
+    r.is_empty().then_some(map)
+}
+
+/// Where `sync-cli scan` keeps the cache of a tree by default:
+/// `$XDG_CACHE_HOME/sync-engine/` (or `~/.cache/sync-engine/`), one file
+/// per canonical tree path.
+pub fn default_path(root: &Path) -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    let canon = std::fs::canonicalize(root).ok()?;
+    let key = blake3::hash(canon.as_os_str().as_encoded_bytes());
+    Some(
+        base.join("sync-engine")
+            .join(format!("{}.hcache", &key.to_hex()[..24])),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c");
+        let key = StatKey {
+            dev: 1,
+            ino: 2,
+            size: 300_000,
+            mtime_ns: 4,
+            ctime_ns: 5,
+        };
+        let chunks: Box<[ChunkRef]> = vec![ChunkRef {
+            id: ChunkId([7; 32]),
+            len: 300_000 - 100_000,
+        }]
+        .into();
+        save(&path, &[(key, FileHash([9; 32]), chunks.clone())]).unwrap();
+        let c = HashCache::load(&path);
+        assert_eq!(c.get(&key).unwrap().chunks, chunks);
+        assert!(c.get(&StatKey { ctime_ns: 6, ..key }).is_none());
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes.truncate(bytes.len() - 1);
+        std::fs::write(&path, bytes).unwrap();
+        assert!(HashCache::load(&path).is_empty());
+    }
+}

@@ -1,0 +1,566 @@
+//! The scanner: walks a tree and builds its [`Manifest`]. Directories are
+//! read with `getdents` and entries stat'ed relative to their directory fd
+//! (no path resolution per entry, no symlink ever followed); files are
+//! hashed in parallel on rayon, and a file whose (dev, inode, size, mtime,
+//! ctime) matches the hash cache is not read at all. A file that changes
+//! while it is read is retried and, if it keeps changing, reported: it is
+//! never recorded half-read. Fifos, sockets and devices are skipped with a
+//! warning. Blocking IO only.
+//!
+//! `walkdir` is not used for the walk itself: it resolves a full path per
+//! entry and walks one directory at a time, while this walk fans out across
+//! directories and stats through directory fds.
+
+use std::collections::HashMap;
+use std::ffi::CStr;
+use std::io::Read;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+
+use rayon::prelude::*;
+use rustix::fs::{AtFlags, FileType, Mode, OFlags};
+
+use crate::cache::{self, HashCache, StatKey};
+use crate::chunk::{chunk_content, ChunkRef, Content, SINGLE_CHUNK_MAX};
+use crate::hash::{FileHash, TreeId};
+use crate::manifest::{join, lossy, Entry, Kind, Manifest, ManifestError, Tree, MAX_DEPTH};
+
+/// How often a file that changes while being hashed is re-read.
+const HASH_ATTEMPTS: usize = 3;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ScanError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} kept changing while it was hashed; retry when the writer is done")]
+    Changing { path: String },
+    #[error("{0} is not a directory")]
+    NotADirectory(String),
+    #[error("tree nests deeper than {MAX_DEPTH} levels at {0}")]
+    TooDeep(String),
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+}
+
+#[derive(Clone, Debug)]
+pub struct ScanOptions {
+    /// Hash cache file; `None` disables the cache.
+    pub cache: Option<PathBuf>,
+    /// Record owners (uid/gid); when false both are recorded as 0, so that
+    /// trees owned by different users on different hosts compare equal.
+    pub owners: bool,
+}
+
+impl Default for ScanOptions {
+    fn default() -> Self {
+        ScanOptions {
+            cache: None,
+            owners: true,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct ScanOutcome {
+    pub manifest: Manifest,
+    pub warnings: Vec<String>,
+    /// Files whose content was read and hashed.
+    pub files_hashed: u64,
+    pub bytes_hashed: u64,
+    /// Files whose hash came from the cache.
+    pub cache_hits: u64,
+}
+
+type CacheRecord = (StatKey, FileHash, Box<[ChunkRef]>);
+/// Paths of each multiply-linked inode, by (dev, inode).
+type LinkGroups = HashMap<(u64, u64), Vec<Vec<u8>>>;
+
+struct Ctx {
+    root: PathBuf,
+    cache: HashCache,
+    save_cache: bool,
+    new_cache: Mutex<Vec<CacheRecord>>,
+    trees: Mutex<HashMap<TreeId, Arc<[u8]>>>,
+    links: Mutex<LinkGroups>,
+    warnings: Mutex<Vec<String>>,
+    hashed: AtomicU64,
+    bytes: AtomicU64,
+    hits: AtomicU64,
+    owners: bool,
+    racy_after_ns: i64,
+}
+
+impl Ctx {
+    fn show(&self, rel: &[u8]) -> String {
+        let p = self.root.join(std::ffi::OsStr::from_bytes(rel));
+        p.display().to_string()
+    }
+
+    fn io(&self, rel: &[u8], e: impl Into<std::io::Error>) -> ScanError {
+        ScanError::Io {
+            path: self.show(rel),
+            source: e.into(),
+        }
+    }
+
+    fn warn(&self, msg: String) {
+        tracing::warn!("{msg}");
+        self.warnings.lock().unwrap().push(msg);
+    }
+}
+
+/// Scan the tree under `root` into a manifest.
+pub fn scan(root: &Path, opts: &ScanOptions) -> Result<ScanOutcome, ScanError> {
+    let now_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(i64::MAX);
+    let ctx = Ctx {
+        root: root.to_path_buf(),
+        cache: opts
+            .cache
+            .as_deref()
+            .map(HashCache::load)
+            .unwrap_or_default(),
+        save_cache: opts.cache.is_some(),
+        new_cache: Mutex::new(Vec::new()),
+        trees: Mutex::new(HashMap::new()),
+        links: Mutex::new(HashMap::new()),
+        warnings: Mutex::new(Vec::new()),
+        hashed: AtomicU64::new(0),
+        bytes: AtomicU64::new(0),
+        hits: AtomicU64::new(0),
+        owners: opts.owners,
+        racy_after_ns: now_ns.saturating_sub(cache::RACY_WINDOW_NS),
+    };
+    let fd = rustix::fs::open(
+        root,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| match e {
+        rustix::io::Errno::NOTDIR => ScanError::NotADirectory(root.display().to_string()),
+        e => ctx.io(b"", e),
+    })?;
+    let root_id = scan_dir(&ctx, fd, b"", 0)?;
+    let trees = std::mem::take(&mut *ctx.trees.lock().unwrap());
+    let mut manifest = Manifest::from_parts(root_id, trees)?;
+    resolve_hard_links(&mut manifest, ctx.links.into_inner().unwrap())?;
+
+    if let (Some(path), true) = (&opts.cache, ctx.save_cache) {
+        let records = ctx.new_cache.into_inner().unwrap();
+        if let Err(e) = cache::save(path, &records) {
+            tracing::warn!(path = %path.display(), "cannot save the hash cache: {e}");
+        }
+    }
+    Ok(ScanOutcome {
+        manifest,
+        warnings: ctx.warnings.into_inner().unwrap(),
+        files_hashed: ctx.hashed.into_inner(),
+        bytes_hashed: ctx.bytes.into_inner(),
+        cache_hits: ctx.hits.into_inner(),
+    })
+}
+
+fn scan_dir(ctx: &Ctx, dirfd: OwnedFd, rel: &[u8], depth: usize) -> Result<TreeId, ScanError> {
+    if depth > MAX_DEPTH {
+        return Err(ScanError::TooDeep(ctx.show(rel)));
+    }
+    let mut names: Vec<Vec<u8>> = Vec::new();
+    let dir = rustix::fs::Dir::read_from(&dirfd).map_err(|e| ctx.io(rel, e))?;
+    for ent in dir {
+        let ent = ent.map_err(|e| ctx.io(rel, e))?;
+        let name = ent.file_name().to_bytes();
+        if name != b"." && name != b".." {
+            names.push(name.to_vec());
+        }
+    }
+    let entries: Vec<Option<Entry>> = names
+        .into_par_iter()
+        .with_min_len(16)
+        .map(|name| scan_entry(ctx, &dirfd, rel, name, depth))
+        .collect::<Result<_, _>>()?;
+    let mut tree = Tree {
+        entries: entries.into_iter().flatten().collect(),
+    };
+    tree.sort();
+    let bytes = tree.encode();
+    let id = TreeId::of(&bytes);
+    ctx.trees
+        .lock()
+        .unwrap()
+        .entry(id)
+        .or_insert_with(|| bytes.into());
+    Ok(id)
+}
+
+struct Meta {
+    mode: u32,
+    mtime_ns: i64,
+    uid: u32,
+    gid: u32,
+}
+
+#[allow(clippy::unnecessary_cast)]
+fn stat_key(st: &rustix::fs::Stat) -> StatKey {
+    StatKey {
+        dev: st.st_dev as u64,
+        ino: st.st_ino as u64,
+        size: st.st_size as u64,
+        mtime_ns: st.st_mtime as i64 * 1_000_000_000 + st.st_mtime_nsec as i64,
+        ctime_ns: st.st_ctime as i64 * 1_000_000_000 + st.st_ctime_nsec as i64,
+    }
+}
+
+#[allow(clippy::unnecessary_cast)]
+fn meta(ctx: &Ctx, st: &rustix::fs::Stat) -> Meta {
+    Meta {
+        mode: st.st_mode as u32 & 0o7777,
+        mtime_ns: stat_key(st).mtime_ns,
+        uid: if ctx.owners { st.st_uid as u32 } else { 0 },
+        gid: if ctx.owners { st.st_gid as u32 } else { 0 },
+    }
+}
+
+fn entry(name: Vec<u8>, m: Meta, kind: Kind) -> Entry {
+    Entry {
+        name,
+        mode: m.mode,
+        mtime_ns: m.mtime_ns,
+        uid: m.uid,
+        gid: m.gid,
+        kind,
+    }
+}
+
+fn scan_entry(
+    ctx: &Ctx,
+    dirfd: &OwnedFd,
+    parent: &[u8],
+    name: Vec<u8>,
+    depth: usize,
+) -> Result<Option<Entry>, ScanError> {
+    let rel = join(parent, &name);
+    let cname = std::ffi::CString::new(name.clone()).expect("getdents names have no NUL");
+    let st = match rustix::fs::statat(dirfd, &cname, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) => st,
+        // Deleted between listing and stat: it is simply not in this snapshot.
+        Err(rustix::io::Errno::NOENT) => return Ok(None),
+        Err(e) => return Err(ctx.io(&rel, e)),
+    };
+    let ft = FileType::from_raw_mode(st.st_mode as _);
+    match ft {
+        FileType::Directory => {
+            let fd = match rustix::fs::openat(
+                dirfd,
+                &cname,
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            ) {
+                Ok(fd) => fd,
+                Err(rustix::io::Errno::NOENT) => return Ok(None),
+                Err(e) => return Err(ctx.io(&rel, e)),
+            };
+            // Metadata from the opened directory, so it matches its content.
+            let st = rustix::fs::fstat(&fd).map_err(|e| ctx.io(&rel, e))?;
+            let tree = scan_dir(ctx, fd, &rel, depth + 1)?;
+            Ok(Some(entry(name, meta(ctx, &st), Kind::Dir { tree })))
+        }
+        FileType::Symlink => {
+            let target = match rustix::fs::readlinkat(dirfd, &cname, Vec::new()) {
+                Ok(t) => t.into_bytes(),
+                Err(rustix::io::Errno::NOENT) => return Ok(None),
+                Err(e) => return Err(ctx.io(&rel, e)),
+            };
+            Ok(Some(entry(name, meta(ctx, &st), Kind::Symlink { target })))
+        }
+        FileType::RegularFile => {
+            let Some((st, content)) = file_content(ctx, dirfd, &cname, &rel, &st)? else {
+                return Ok(None);
+            };
+            if st.st_nlink > 1 {
+                let key = stat_key(&st);
+                ctx.links
+                    .lock()
+                    .unwrap()
+                    .entry((key.dev, key.ino))
+                    .or_default()
+                    .push(rel);
+            }
+            Ok(Some(entry(
+                name,
+                meta(ctx, &st),
+                Kind::File {
+                    size: content.size,
+                    hash: content.hash,
+                    chunks: content.chunks,
+                },
+            )))
+        }
+        other => {
+            ctx.warn(format!(
+                "skipping {} ({other:?}): only files, directories and symlinks are mirrored",
+                ctx.show(&rel)
+            ));
+            Ok(None)
+        }
+    }
+}
+
+/// The content of one regular file, from the cache or by reading it; the
+/// returned stat is the one the content belongs to.
+fn file_content(
+    ctx: &Ctx,
+    dirfd: &OwnedFd,
+    cname: &CStr,
+    rel: &[u8],
+    st: &rustix::fs::Stat,
+) -> Result<Option<(rustix::fs::Stat, Content)>, ScanError> {
+    let key = stat_key(st);
+    if let Some(c) = ctx.cache.get(&key) {
+        ctx.hits.fetch_add(1, Relaxed);
+        let content = Content {
+            size: c.size,
+            hash: c.hash,
+            chunks: c.chunks.to_vec(),
+        };
+        remember(ctx, key, &content);
+        return Ok(Some((*st, content)));
+    }
+    for _ in 0..HASH_ATTEMPTS {
+        let fd = match rustix::fs::openat(
+            dirfd,
+            cname,
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        ) {
+            Ok(fd) => fd,
+            Err(rustix::io::Errno::NOENT) => return Ok(None),
+            // Replaced by a symlink between stat and open: rescan later.
+            Err(rustix::io::Errno::LOOP) => continue,
+            Err(e) => return Err(ctx.io(rel, e)),
+        };
+        let before = rustix::fs::fstat(&fd).map_err(|e| ctx.io(rel, e))?;
+        if FileType::from_raw_mode(before.st_mode as _) != FileType::RegularFile {
+            continue;
+        }
+        let size = stat_key(&before).size;
+        let content = read_content(fd.as_fd(), size).map_err(|e| ctx.io(rel, e))?;
+        let after = rustix::fs::fstat(&fd).map_err(|e| ctx.io(rel, e))?;
+        let (b, a) = (stat_key(&before), stat_key(&after));
+        let Some(content) = content else { continue };
+        if b == a && content.size == a.size {
+            ctx.hashed.fetch_add(1, Relaxed);
+            ctx.bytes.fetch_add(a.size, Relaxed);
+            remember(ctx, a, &content);
+            return Ok(Some((after, content)));
+        }
+    }
+    Err(ScanError::Changing {
+        path: ctx.show(rel),
+    })
+}
+
+fn remember(ctx: &Ctx, key: StatKey, content: &Content) {
+    if ctx.save_cache && key.mtime_ns < ctx.racy_after_ns && key.ctime_ns < ctx.racy_after_ns {
+        ctx.new_cache
+            .lock()
+            .unwrap()
+            .push((key, content.hash, content.chunks.clone().into()));
+    }
+}
+
+/// Hash `size` bytes of an open file; `None` if the file's length is not
+/// `size` (it changed under us).
+fn read_content(fd: std::os::fd::BorrowedFd<'_>, size: u64) -> std::io::Result<Option<Content>> {
+    let mut file = std::fs::File::from(fd.try_clone_to_owned()?);
+    if size <= SINGLE_CHUNK_MAX {
+        thread_local! {
+            static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        return BUF.with_borrow_mut(|buf| {
+            buf.clear();
+            // One byte more than expected reveals a file that grew.
+            (&mut file).take(size + 1).read_to_end(buf)?;
+            Ok((buf.len() as u64 == size).then(|| chunk_content(buf)))
+        });
+    }
+    // SAFETY: the map is only read while the fd is open. Another process
+    // may write the file meanwhile; the fstat before and after the read
+    // detects that and the result is discarded and retried.
+    let map = unsafe { memmap2::Mmap::map(&file)? };
+    if map.len() as u64 != size {
+        return Ok(None);
+    }
+    let _ = map.advise(memmap2::Advice::Sequential);
+    Ok(Some(chunk_content(&map)))
+}
+
+/// Canonical order of relative paths: component by component, bytewise.
+pub fn canonical_cmp(a: &[u8], b: &[u8]) -> std::cmp::Ordering {
+    a.split(|&c| c == b'/').cmp(b.split(|&c| c == b'/'))
+}
+
+/// Turn every name but the first (in canonical order) of a multiply-linked
+/// inode into a [`Kind::HardLink`] to the first.
+fn resolve_hard_links(
+    m: &mut Manifest,
+    links: LinkGroups,
+) -> Result<(), ScanError> {
+    for (_, mut paths) in links {
+        if paths.len() < 2 {
+            continue;
+        }
+        paths.sort_by(|a, b| canonical_cmp(a, b));
+        let primary = paths[0].clone();
+        let Some(first) = m.lookup(&primary)? else {
+            continue;
+        };
+        let Kind::File { size, hash, .. } = first.kind else {
+            continue;
+        };
+        for p in &paths[1..] {
+            if let Some(mut e) = m.lookup(p)? {
+                e.kind = Kind::HardLink {
+                    path: primary.clone(),
+                    size,
+                    hash,
+                };
+                m.set_entry(p, Some(e))?;
+            }
+        }
+    }
+    m.gc();
+    Ok(())
+}
+
+/// Show a relative path for humans.
+pub fn display_rel(rel: &[u8]) -> String {
+    lossy(rel)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{symlink, PermissionsExt};
+
+    fn scan_root(p: &Path) -> Manifest {
+        scan(p, &ScanOptions::default()).unwrap().manifest
+    }
+
+    #[test]
+    fn root_reacts_to_every_kind_of_change_and_not_to_a_rescan() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        std::fs::create_dir_all(r.join("a/b")).unwrap();
+        std::fs::write(r.join("a/b/f"), b"hello").unwrap();
+        symlink("b/f", r.join("a/l")).unwrap();
+        let base = scan_root(r).root();
+        assert_eq!(scan_root(r).root(), base, "rescan is stable");
+
+        let mut seen = vec![base];
+        let mut check = |what: &str| {
+            let now = scan_root(r).root();
+            assert!(!seen.contains(&now), "{what} did not change the root");
+            seen.push(now);
+        };
+        std::fs::write(r.join("a/b/f"), b"hellp").unwrap();
+        check("content");
+        std::fs::set_permissions(r.join("a/b/f"), std::fs::Permissions::from_mode(0o600)).unwrap();
+        check("mode");
+        let f = std::fs::File::options()
+            .write(true)
+            .open(r.join("a/b/f"))
+            .unwrap();
+        f.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_nanos(123_456_789))
+            .unwrap();
+        check("mtime");
+        std::fs::rename(r.join("a/b/f"), r.join("a/b/g")).unwrap();
+        check("name");
+        std::fs::remove_file(r.join("a/l")).unwrap();
+        symlink("b/g", r.join("a/l")).unwrap();
+        check("symlink target");
+    }
+
+    #[test]
+    fn cache_avoids_reading_unchanged_files() {
+        let d = tempfile::tempdir().unwrap();
+        let tree = d.path().join("t");
+        std::fs::create_dir(&tree).unwrap();
+        for i in 0..20 {
+            let p = tree.join(format!("f{i}"));
+            std::fs::write(&p, vec![i as u8; 1000 + i * 50_000]).unwrap();
+            // Old enough not to be "racy".
+            std::fs::File::options()
+                .write(true)
+                .open(&p)
+                .unwrap()
+                .set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000))
+                .unwrap();
+        }
+        let opts = ScanOptions {
+            cache: Some(d.path().join("cache")),
+            ..Default::default()
+        };
+        let first = scan(&tree, &opts).unwrap();
+        assert_eq!(first.files_hashed, 20);
+        // Just-written files have a recent ctime: too "racy" to cache yet.
+        std::thread::sleep(std::time::Duration::from_nanos(
+            cache::RACY_WINDOW_NS as u64 + 100_000_000,
+        ));
+        let second = scan(&tree, &opts).unwrap();
+        assert_eq!(second.files_hashed, 20);
+        let third = scan(&tree, &opts).unwrap();
+        assert_eq!((third.files_hashed, third.cache_hits), (0, 20));
+        assert_eq!(third.manifest.root(), first.manifest.root());
+        // A changed file is read again, the others are not.
+        std::fs::write(tree.join("f3"), b"new content").unwrap();
+        let fourth = scan(&tree, &opts).unwrap();
+        assert_eq!((fourth.files_hashed, fourth.cache_hits), (1, 19));
+        assert_ne!(fourth.manifest.root(), first.manifest.root());
+    }
+
+    #[test]
+    fn hard_links_name_the_first_path() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        std::fs::create_dir(r.join("z")).unwrap();
+        std::fs::write(r.join("z/orig"), b"data").unwrap();
+        std::fs::hard_link(r.join("z/orig"), r.join("a")).unwrap();
+        let m = scan_root(r);
+        assert!(matches!(
+            m.lookup(b"a").unwrap().unwrap().kind,
+            Kind::File { .. }
+        ));
+        match m.lookup(b"z/orig").unwrap().unwrap().kind {
+            Kind::HardLink { path, .. } => assert_eq!(path, b"a"),
+            k => panic!("{k:?}"),
+        }
+        assert_eq!(m.stats().unwrap().hardlinks, 1);
+    }
+
+    #[test]
+    fn special_files_are_skipped_with_a_warning() {
+        let d = tempfile::tempdir().unwrap();
+        let _l = std::os::unix::net::UnixListener::bind(d.path().join("sock")).unwrap();
+        std::fs::write(d.path().join("f"), b"x").unwrap();
+        let out = scan(d.path(), &ScanOptions::default()).unwrap();
+        assert_eq!(out.warnings.len(), 1, "{:?}", out.warnings);
+        assert_eq!(out.manifest.stats().unwrap().files, 1);
+    }
+
+    #[test]
+    fn canonical_order_is_by_component() {
+        use std::cmp::Ordering::*;
+        assert_eq!(canonical_cmp(b"a/b", b"a-b"), Less); // '/' splits, "a" < "a-b"
+        assert_eq!(canonical_cmp(b"a/b", b"a/b"), Equal);
+        assert_eq!(canonical_cmp(b"b", b"a/z"), Greater);
+    }
+}
