@@ -1,2 +1,6 @@
-//! The sync agent as a library: the parts that `sync-cli` reuses for one-shot
-//! push and restore. The QUIC transport and daemon land here.
+//! The sync agent as a library: identities, mutual TLS over QUIC, and the
+//! session driver, shared by the `sync-agent` daemon and by `sync-cli` for
+//! one-shot push and restore.
+
+pub mod identity;
+pub mod tls;

@@ -52,7 +52,13 @@ pub struct DlrnSpec {
 impl DlrnSpec {
     /// Small tree for unit tests: 20 projects, 15 builds, 2% of realistic sizes.
     pub fn quick() -> Self {
-        DlrnSpec { seed: 42, projects: 20, builds: 15, keep_builds: 0, scale: 0.02 }
+        DlrnSpec {
+            seed: 42,
+            projects: 20,
+            builds: 15,
+            keep_builds: 0,
+            scale: 0.02,
+        }
     }
 
     /// Realistic sizes, with projects/builds chosen so the tree holds about `n`
@@ -63,7 +69,13 @@ impl DlrnSpec {
         // (first `projects` builds) has on average only half the farm.
         let per_build = projects as f64 + 17.0;
         let builds = ((n as f64 + (projects * projects) as f64 / 2.0) / per_build).round() as usize;
-        DlrnSpec { seed: 42, projects, builds: builds.max(1), keep_builds: 0, scale: 1.0 }
+        DlrnSpec {
+            seed: 42,
+            projects,
+            builds: builds.max(1),
+            keep_builds: 0,
+            scale: 1.0,
+        }
     }
 }
 
@@ -154,7 +166,8 @@ impl DlrnTree {
         let text = fs::read_to_string(&side).with_context(|| format!("read {}", side.display()))?;
         let v: serde_json::Value = serde_json::from_str(&text)?;
         let num = |k: &str| -> Result<u64> {
-            v[k].as_u64().with_context(|| format!("sidecar field {k} missing"))
+            v[k].as_u64()
+                .with_context(|| format!("sidecar field {k} missing"))
         };
         let spec = DlrnSpec {
             seed: num("seed")?,
@@ -201,7 +214,10 @@ impl DlrnTree {
 
     /// Relative repo dirs of the builds still on disk, oldest first.
     pub fn live_builds(&self) -> Vec<PathBuf> {
-        self.live.iter().map(|&i| PathBuf::from(&self.builds[i].rel_dir)).collect()
+        self.live
+            .iter()
+            .map(|&i| PathBuf::from(&self.builds[i].rel_dir))
+            .collect()
     }
 
     /// Number of builds made so far (purged ones included).
@@ -219,7 +235,11 @@ impl DlrnTree {
         let mut prng = rng_for(spec.seed, DOM_PROJECTS, u64::MAX);
         let pstate = (0..spec.projects)
             .map(|_| ProjectState {
-                version: (prng.random_range(0..4), prng.random_range(0..20), prng.random_range(0..10)),
+                version: (
+                    prng.random_range(0..4),
+                    prng.random_range(0..20),
+                    prng.random_range(0..10),
+                ),
                 distro: hex(&mut prng, 4),
                 latest: None,
             })
@@ -327,7 +347,13 @@ impl DlrnTree {
             }
         }
         let commit = hex(&mut r, 20);
-        let rel_dir = format!("repos/{}/{}/{}_{}", &commit[..2], &commit[2..4], commit, st.distro);
+        let rel_dir = format!(
+            "repos/{}/{}/{}_{}",
+            &commit[..2],
+            &commit[2..4],
+            commit,
+            st.distro
+        );
         let (ma, mi, pa) = st.version;
         let time = T0 + index as i64 * 3600;
         let release = format!("0.{}.{}.el9", datetime_digits(time), &commit[..7]);
@@ -339,10 +365,14 @@ impl DlrnTree {
             let name = format!("{sub}-{version}-{release}.noarch.rpm");
             let size = rpm_size(&mut r, scale);
             let seed = r.random::<u64>();
-            // About a quarter of binary RPMs are unchanged since the previous build.
-            let same = r.random_bool(0.25);
+            // ~30% of binary RPMs are unchanged since the previous build (~1/5 of all RPMs).
+            let same = r.random_bool(0.3);
             let blob = match (&prev, same) {
-                (Some(p), true) => Blob { name, seed: p.rpms[k].seed, size: p.rpms[k].size },
+                (Some(p), true) => Blob {
+                    name,
+                    seed: p.rpms[k].seed,
+                    size: p.rpms[k].size,
+                },
                 _ => Blob { name, seed, size },
             };
             rpms.push(blob);
@@ -367,25 +397,59 @@ impl DlrnTree {
             let size = sized(lognormal(&mut r, 8.0 * KIB, 0.9), 256.0 * KIB, 64.0, scale);
             let seed = r.random();
             let ty = kind.split('.').next().unwrap_or(kind);
-            let ty = if kind.contains("sqlite") { format!("{ty}_db") } else { ty.to_string() };
-            repodata.push((ty, Blob { name: format!("{sum}-{kind}"), seed, size }));
+            let ty = if kind.contains("sqlite") {
+                format!("{ty}_db")
+            } else {
+                ty.to_string()
+            };
+            repodata.push((
+                ty,
+                Blob {
+                    name: format!("{sum}-{kind}"),
+                    seed,
+                    size,
+                },
+            ));
         }
 
         let mut logs = Vec::new();
-        for (name, median) in
-            [("build.log", 60.0), ("root.log", 40.0), ("state.log", 3.0), ("rpmbuild.log", 30.0)]
-        {
+        for (name, median) in [
+            ("build.log", 60.0),
+            ("root.log", 40.0),
+            ("state.log", 3.0),
+            ("rpmbuild.log", 30.0),
+        ] {
             let size = sized(lognormal(&mut r, median * KIB, 0.8), MIB, 128.0, scale);
-            logs.push(Blob { name: name.to_string(), seed: r.random(), size });
+            logs.push(Blob {
+                name: name.to_string(),
+                seed: r.random(),
+                size,
+            });
         }
-        BuildMeta { index, project, rel_dir, rpms, repodata, logs }
+        BuildMeta {
+            index,
+            project,
+            rel_dir,
+            rpms,
+            repodata,
+            logs,
+        }
     }
 
-    fn write_build(&self, m: &BuildMeta, w: &mut Writer, touched: &mut BTreeSet<PathBuf>) -> Result<()> {
+    fn write_build(
+        &self,
+        m: &BuildMeta,
+        w: &mut Writer,
+        touched: &mut BTreeSet<PathBuf>,
+    ) -> Result<()> {
         let dir = self.root.join(&m.rel_dir);
         // Create repos/ab/cd level by level, noting which parents change.
         let rel = Path::new(&m.rel_dir);
-        let mut parents: Vec<&Path> = rel.ancestors().skip(1).filter(|p| !p.as_os_str().is_empty()).collect();
+        let mut parents: Vec<&Path> = rel
+            .ancestors()
+            .skip(1)
+            .filter(|p| !p.as_os_str().is_empty())
+            .collect();
         parents.reverse();
         for p in &parents {
             let abs = self.root.join(p);
@@ -413,7 +477,10 @@ impl DlrnTree {
         fs::set_permissions(&rd, fs::Permissions::from_mode(0o755))?;
         let mut xml = String::new();
         let _ = writeln!(xml, "<?xml version=\"1.0\" encoding=\"UTF-8\"?>");
-        let _ = writeln!(xml, "<repomd xmlns=\"http://linux.duke.edu/metadata/repo\">");
+        let _ = writeln!(
+            xml,
+            "<repomd xmlns=\"http://linux.duke.edu/metadata/repo\">"
+        );
         let _ = writeln!(xml, "  <revision>{}</revision>", t + 120);
         for (ty, b) in &m.repodata {
             w.random_file(&rd.join(&b.name), b, t + 120)?;
@@ -465,7 +532,8 @@ impl DlrnTree {
 
     fn remove_build(&self, b: usize, touched: &mut BTreeSet<PathBuf>) -> Result<()> {
         let rel = Path::new(&self.builds[b].rel_dir);
-        fs::remove_dir_all(self.root.join(rel)).with_context(|| format!("purge {}", rel.display()))?;
+        fs::remove_dir_all(self.root.join(rel))
+            .with_context(|| format!("purge {}", rel.display()))?;
         // Drop now-empty repos/ab/cd and repos/ab so the tree does not accumulate husks.
         let mut child = rel;
         while let Some(parent) = child.parent() {
@@ -503,7 +571,10 @@ impl DlrnTree {
 
 /// `/x/tree` -> `/x/tree.gen.json` (outside the tree, so it is not synced).
 pub fn sidecar_path(root: &Path) -> PathBuf {
-    let mut name: OsString = root.file_name().map(|n| n.to_os_string()).unwrap_or_else(|| "tree".into());
+    let mut name: OsString = root
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_else(|| "tree".into());
     name.push(".gen.json");
     root.with_file_name(name)
 }
@@ -553,13 +624,21 @@ pub fn tree_stats(root: &Path) -> Result<TreeStats> {
 /// Sets atime and mtime of `path` (of the link itself when `nofollow`).
 pub(crate) fn set_times(path: &Path, sec: i64, nsec: i64, nofollow: bool) -> Result<()> {
     let c = CString::new(path.as_os_str().as_bytes())?;
-    let ts = libc::timespec { tv_sec: sec as libc::time_t, tv_nsec: nsec as _ };
+    let ts = libc::timespec {
+        tv_sec: sec as libc::time_t,
+        tv_nsec: nsec as _,
+    };
     let times = [ts, ts];
-    let flags = if nofollow { libc::AT_SYMLINK_NOFOLLOW } else { 0 };
+    let flags = if nofollow {
+        libc::AT_SYMLINK_NOFOLLOW
+    } else {
+        0
+    };
     // SAFETY: `c` is a valid NUL-terminated path and `times` holds two timespecs.
     let r = unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), flags) };
     if r != 0 {
-        return Err(io::Error::last_os_error()).with_context(|| format!("utimensat {}", path.display()));
+        return Err(io::Error::last_os_error())
+            .with_context(|| format!("utimensat {}", path.display()));
     }
     Ok(())
 }
@@ -572,7 +651,10 @@ struct Writer {
 
 impl Writer {
     fn new() -> Self {
-        Writer { buf: vec![0; 1 << 20], text: String::new() }
+        Writer {
+            buf: vec![0; 1 << 20],
+            text: String::new(),
+        }
     }
 
     fn create(path: &Path) -> Result<File> {
@@ -686,8 +768,8 @@ fn bootstrap_order(seed: u64, n: usize) -> Vec<usize> {
 
 fn make_projects(seed: u64, n: usize) -> Vec<Project> {
     const SYL: [&str; 24] = [
-        "no", "va", "ne", "u", "tron", "gla", "nce", "ci", "nder", "ke", "ys", "to", "ne", "he", "at", "swi",
-        "ft", "oslo", "ma", "nila", "ir", "on", "ic", "zaq",
+        "no", "va", "ne", "u", "tron", "gla", "nce", "ci", "nder", "ke", "ys", "to", "ne", "he",
+        "at", "swi", "ft", "oslo", "ma", "nila", "ir", "on", "ic", "zaq",
     ];
     let mut r = rng_for(seed, DOM_PROJECTS, 0);
     let mut used = HashSet::new();
@@ -706,12 +788,20 @@ fn make_projects(seed: u64, n: usize) -> Vec<Project> {
         }
         let nsub = r.random_range(1..=5usize);
         let mut subs = vec![name.clone()];
-        for s in [format!("python3-{word}"), format!("{name}-doc"), format!("{name}-tests"), format!("{name}-common")] {
+        for s in [
+            format!("python3-{word}"),
+            format!("{name}-doc"),
+            format!("{name}-tests"),
+            format!("{name}-common"),
+        ] {
             if subs.len() < nsub {
                 subs.push(s);
             }
         }
-        out.push(Project { name, subpackages: subs });
+        out.push(Project {
+            name,
+            subpackages: subs,
+        });
     }
     out
 }
@@ -730,7 +820,12 @@ fn datetime_digits(t: i64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}{m:02}{d:02}{:02}{:02}{:02}", secs / 3600, secs / 60 % 60, secs % 60)
+    format!(
+        "{y:04}{m:02}{d:02}{:02}{:02}{:02}",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
 }
 
 #[cfg(test)]
@@ -745,7 +840,10 @@ mod tests {
         let mut out = Vec::new();
         let mut stack = vec![PathBuf::new()];
         while let Some(rel) = stack.pop() {
-            let mut names: Vec<_> = fs::read_dir(root.join(&rel)).unwrap().map(|e| e.unwrap().file_name()).collect();
+            let mut names: Vec<_> = fs::read_dir(root.join(&rel))
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
             names.sort();
             for n in names {
                 let r = rel.join(&n);
@@ -753,14 +851,24 @@ mod tests {
                 let md = fs::symlink_metadata(&p).unwrap();
                 let ft = md.file_type();
                 let (kind, data) = if ft.is_symlink() {
-                    ('l', fs::read_link(&p).unwrap().as_os_str().as_bytes().to_vec())
+                    (
+                        'l',
+                        fs::read_link(&p).unwrap().as_os_str().as_bytes().to_vec(),
+                    )
                 } else if ft.is_dir() {
                     stack.push(r.clone());
                     ('d', Vec::new())
                 } else {
                     ('f', fs::read(&p).unwrap())
                 };
-                out.push((r.as_os_str().as_bytes().to_vec(), kind, md.mode(), md.mtime(), md.mtime_nsec(), data));
+                out.push((
+                    r.as_os_str().as_bytes().to_vec(),
+                    kind,
+                    md.mode(),
+                    md.mtime(),
+                    md.mtime_nsec(),
+                    data,
+                ));
             }
         }
         out.sort();
@@ -771,11 +879,20 @@ mod tests {
     fn deterministic() {
         let a = tempfile::tempdir().unwrap();
         let b = tempfile::tempdir().unwrap();
-        let spec = DlrnSpec { keep_builds: 8, ..DlrnSpec::quick() };
+        let spec = DlrnSpec {
+            projects: 12,
+            builds: 25,
+            keep_builds: 8,
+            ..DlrnSpec::quick()
+        };
         let mut ta = DlrnTree::create(&a.path().join("t"), spec.clone()).unwrap();
         let mut tb = DlrnTree::create(&b.path().join("t"), spec).unwrap();
         ta.evolve(2).unwrap();
         tb.evolve(2).unwrap();
+        assert!(
+            ta.live_builds().len() < ta.total_builds(),
+            "no purge exercised"
+        );
         let sa = snapshot(ta.root());
         assert!(sa.len() > 100, "tree too small: {}", sa.len());
         assert_eq!(sa, snapshot(tb.root()));
@@ -795,14 +912,27 @@ mod tests {
         let a = tempfile::tempdir().unwrap();
         let b = tempfile::tempdir().unwrap();
         let ta = DlrnTree::create(&a.path().join("t"), DlrnSpec::quick()).unwrap();
-        let tb = DlrnTree::create(&b.path().join("t"), DlrnSpec { seed: 7, ..DlrnSpec::quick() }).unwrap();
+        let tb = DlrnTree::create(
+            &b.path().join("t"),
+            DlrnSpec {
+                seed: 7,
+                ..DlrnSpec::quick()
+            },
+        )
+        .unwrap();
         assert_ne!(ta.current_target(), tb.current_target());
     }
 
     #[test]
     fn evolve_flips_and_purges() {
         let d = tempfile::tempdir().unwrap();
-        let spec = DlrnSpec { keep_builds: 5, ..DlrnSpec::quick() };
+        // Few projects so that old builds stop being anyone's latest and get purged.
+        let spec = DlrnSpec {
+            projects: 6,
+            builds: 20,
+            keep_builds: 5,
+            ..DlrnSpec::quick()
+        };
         let mut t = DlrnTree::create(&d.path().join("t"), spec).unwrap();
         let before_cur = t.current_target();
         let before_live = t.live_builds();
@@ -813,13 +943,19 @@ mod tests {
         assert_ne!(t.current_target(), before_cur);
 
         let root = t.root();
-        assert_eq!(fs::read_link(root.join("current")).unwrap(), t.current_target());
+        assert_eq!(
+            fs::read_link(root.join("current")).unwrap(),
+            t.current_target()
+        );
         let cur = fs::canonicalize(root.join("current")).unwrap();
         assert!(cur.is_dir());
         let rpms = fs::read_dir(&cur)
             .unwrap()
             .filter_map(|e| e.ok())
-            .filter(|e| e.file_type().unwrap().is_file() && e.file_name().to_string_lossy().ends_with(".rpm"))
+            .filter(|e| {
+                e.file_type().unwrap().is_file()
+                    && e.file_name().to_string_lossy().ends_with(".rpm")
+            })
             .count();
         assert!(rpms >= 2, "current holds {rpms} rpms");
         assert!(cur.join("repodata/repomd.xml").is_file());
@@ -835,7 +971,10 @@ mod tests {
         }
         // Something old got purged, and what is live matches the disk.
         let live = t.live_builds();
-        assert!(before_live.iter().any(|b| !live.contains(b)), "nothing purged");
+        assert!(
+            before_live.iter().any(|b| !live.contains(b)),
+            "nothing purged"
+        );
         for b in &before_live {
             assert_eq!(root.join(b).exists(), live.contains(b), "{b:?}");
         }
@@ -844,14 +983,24 @@ mod tests {
         // Sidecar is outside the tree and records both operations.
         let side = fs::read_to_string(sidecar_path(root)).unwrap();
         assert!(side.contains("\"ops\""));
-        assert_eq!(DlrnTree::open(root).unwrap().total_builds(), t.total_builds());
+        assert_eq!(
+            DlrnTree::open(root).unwrap().total_builds(),
+            t.total_builds()
+        );
     }
 
     #[test]
     fn entries_target_is_close() {
         let spec = DlrnSpec::entries_target(3000);
         let d = tempfile::tempdir().unwrap();
-        let t = DlrnTree::create(&d.path().join("t"), DlrnSpec { scale: 0.001, ..spec }).unwrap();
+        let t = DlrnTree::create(
+            &d.path().join("t"),
+            DlrnSpec {
+                scale: 0.001,
+                ..spec
+            },
+        )
+        .unwrap();
         let n = t.count_entries().unwrap();
         assert!((2400..3600).contains(&n), "entries {n}");
     }
