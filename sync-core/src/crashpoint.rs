@@ -25,7 +25,11 @@ static WRITES: AtomicU64 = AtomicU64::new(0);
 
 fn config() -> &'static Config {
     CONFIG.get_or_init(|| {
-        let num = |k: &str| std::env::var(k).ok().and_then(|v| v.trim().parse::<u64>().ok());
+        let num = |k: &str| {
+            std::env::var(k)
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
         Config {
             crash_at: num("SYNC_CRASH_AT").filter(|&n| n > 0),
             list: std::env::var_os("SYNC_CRASH_LIST").is_some_and(|v| v != "0"),
@@ -46,10 +50,8 @@ pub fn hit(name: &str) {
     }
     if cfg.crash_at == Some(n) {
         eprintln!("crashpoint {n} {name}: SIGKILL");
-        let _ = rustix::process::kill_process(
-            rustix::process::getpid(),
-            rustix::process::Signal::KILL,
-        );
+        let _ =
+            rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::KILL);
         // SIGKILL cannot be caught; this is never reached.
         std::process::abort();
     }

@@ -5,10 +5,17 @@
 
 pub mod cache;
 pub mod chunk;
+pub mod commit;
+pub mod crashpoint;
 pub mod diff;
 pub mod hash;
 pub mod manifest;
+pub mod plan;
+pub mod safefs;
 pub mod scan;
+pub mod state;
+pub mod store;
+pub mod verify;
 
 pub use hash::{ChunkId, FileHash, SnapshotId, TreeId};
 pub use manifest::{Entry, Kind, Manifest, Tree};

@@ -1,0 +1,967 @@
+//! The receiver's commit engine: turn the committed tree into a new
+//! snapshot so that no reader ever sees a half-arrived repository.
+//!
+//! A commit runs in this order:
+//! 1. every new or changed file is assembled from verified chunks in the
+//!    state directory's `tmp/` (same filesystem as the tree), with its mode,
+//!    mtime and (optionally) owner; new symlinks are created there too;
+//! 2. one `syncfs` makes all of them durable (one call instead of one fsync
+//!    per file: thousands of small files cost one flush);
+//! 3. the journal (old root, new manifest, plan digest) is written
+//!    atomically: from here on the commit rolls forward after a crash;
+//! 4. the tree is changed: directories, then files renamed into place,
+//!    metadata and hard links, then symlinks flipped, then deletions, then
+//!    directory modes and mtimes, deepest first;
+//! 5. `syncfs`, the committed manifest is stored, the journal removed and
+//!    staging cleared.
+//!
+//! Every step of 4 is idempotent (a temp that is gone was renamed), so a
+//! crash at any instant is finished by [`Receiver::open`]; a crash before 3
+//! leaves the tree untouched. All writes go through [`crate::safefs`]:
+//! beneath the root, never through a symlink. Blocking IO.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+use rayon::prelude::*;
+use rustix::fs::{
+    linkat, mkdirat, openat, renameat, renameat_with, symlinkat, unlinkat, utimensat, AtFlags,
+    FileType, Mode, OFlags, RenameFlags, Timespec, Timestamps,
+};
+use rustix::fs::{Gid, Uid};
+use rustix::io::Errno;
+
+use crate::chunk::chunk_spans;
+use crate::crashpoint::{self, hit};
+use crate::hash::{ChunkId, FileHash, SnapshotId};
+use crate::manifest::{lossy, Entry, Kind, Manifest, ManifestError};
+use crate::plan::{NodeKind, Op, PlanError, SyncPlan};
+use crate::safefs::{self, kind_of, lstat_at, Root, SafeFsError};
+use crate::state::{default_state_dir, Journal, StateDir, StateError};
+use crate::store::{ChunkSource, Sources, Staging, StoreError, TreeChunks};
+use crate::verify::{verify, VerifyError, VerifyOptions, VerifyReport};
+
+/// Why a commit (or opening the receiver) failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CommitError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    #[error(transparent)]
+    Fs(#[from] SafeFsError),
+    #[error(transparent)]
+    Verify(#[from] VerifyError),
+    #[error("cannot {op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("chunk {id} for {path} is neither staged nor found intact in the tree")]
+    MissingChunk { id: ChunkId, path: String },
+    #[error("assembled {path} does not match its hash (a chunk or the manifest is wrong)")]
+    ContentMismatch { path: String },
+    #[error("plan starts at {plan}, but the committed snapshot is {committed}; plan again")]
+    StalePlan {
+        plan: SnapshotId,
+        committed: SnapshotId,
+    },
+    #[error("plan does not lead to the snapshot {0} being committed")]
+    PlanMismatch(SnapshotId),
+    #[error("not enough space for {path}: {need} bytes to write, {avail} available")]
+    NoSpace { path: String, need: u64, avail: u64 },
+    #[error("{path} on disk is {found}, where the commit needs {want}")]
+    Unexpected {
+        path: String,
+        found: String,
+        want: &'static str,
+    },
+    #[error("journal in {state} is for snapshot {journal_from}, but {committed} is committed")]
+    JournalMismatch {
+        state: PathBuf,
+        journal_from: SnapshotId,
+        committed: SnapshotId,
+    },
+}
+
+fn io_err<'p>(op: &'static str, path: &'p [u8]) -> impl FnOnce(Errno) -> CommitError + 'p {
+    move |e| CommitError::Io {
+        op,
+        path: lossy(path),
+        source: e.into(),
+    }
+}
+
+/// Options of one commit.
+#[derive(Clone, Debug, Default)]
+pub struct CommitOptions {
+    /// Apply uid/gid from the manifest (only when running as root).
+    pub owners: bool,
+}
+
+/// What a commit did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct CommitSummary {
+    pub root: Option<SnapshotId>,
+    pub files_written: u64,
+    pub bytes_written: u64,
+    pub dirs_created: u64,
+    pub hardlinks: u64,
+    pub symlinks: u64,
+    pub metadata: u64,
+    pub deleted: u64,
+    /// The commit finished one that a crash had interrupted.
+    pub rolled_forward: bool,
+}
+
+/// The receiving end of a tree: its root, state directory (locked),
+/// staging area and committed manifest.
+pub struct Receiver {
+    root: Arc<Root>,
+    state: StateDir,
+    staging: Staging,
+    committed: Manifest,
+    tree: OnceLock<TreeChunks>,
+    /// Set after a roll-forward done by `open`.
+    recovered: Option<CommitSummary>,
+}
+
+impl std::fmt::Debug for Receiver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Receiver")
+            .field("root", &self.root.path())
+            .field("state", &self.state.path())
+            .field("committed", &self.committed.snapshot())
+            .finish()
+    }
+}
+
+/// Bytes written to staging between fsyncs.
+const STAGING_SYNC_BYTES: u64 = 64 << 20;
+
+impl Receiver {
+    /// Open the tree `dest` (created if missing, its parent must exist),
+    /// lock its state directory (`state` or the default sibling) and roll
+    /// forward any interrupted commit.
+    pub fn open(dest: &Path, state: Option<&Path>) -> Result<Receiver, CommitError> {
+        match std::fs::create_dir(dest) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(source) => {
+                return Err(CommitError::Io {
+                    op: "create",
+                    path: dest.display().to_string(),
+                    source,
+                })
+            }
+        }
+        let dest = dest.canonicalize().map_err(|source| CommitError::Io {
+            op: "resolve",
+            path: dest.display().to_string(),
+            source,
+        })?;
+        let state_path = match state {
+            Some(s) => s.to_path_buf(),
+            None => default_state_dir(&dest)?,
+        };
+        let state = StateDir::open(&state_path, &dest)?;
+        let root = Arc::new(Root::open(&dest)?);
+        let staging = Staging::open(&state.staging_dir())?;
+        let committed = state.load_manifest()?;
+        let mut r = Receiver {
+            root,
+            state,
+            staging,
+            committed,
+            tree: OnceLock::new(),
+            recovered: None,
+        };
+        r.recovered = r.recover()?;
+        if r.recovered.is_none() {
+            r.clean_scratch()?;
+        }
+        Ok(r)
+    }
+
+    /// The snapshot the tree holds.
+    pub fn committed(&self) -> &Manifest {
+        &self.committed
+    }
+
+    /// The tree root path (canonical).
+    pub fn dest(&self) -> &Path {
+        self.root.path()
+    }
+
+    pub fn state_dir(&self) -> &Path {
+        self.state.path()
+    }
+
+    /// The summary of a commit that `open` rolled forward, if any.
+    pub fn recovered(&self) -> Option<&CommitSummary> {
+        self.recovered.as_ref()
+    }
+
+    fn tree_chunks(&self) -> &TreeChunks {
+        self.tree.get_or_init(|| {
+            TreeChunks::build(self.root.clone(), &self.committed).unwrap_or_else(|e| {
+                tracing::warn!("chunk index of the committed tree unavailable: {e}");
+                TreeChunks::build(self.root.clone(), &Manifest::empty())
+                    .expect("an empty manifest walks")
+            })
+        })
+    }
+
+    /// Whether a chunk is staged or (per the index, unverified) in the tree.
+    pub fn have(&self, id: &ChunkId) -> bool {
+        self.staging.contains(id) || self.tree_chunks().contains(id)
+    }
+
+    /// The plan from the committed snapshot to `new`.
+    pub fn plan(&self, new: &Manifest) -> Result<SyncPlan, CommitError> {
+        Ok(SyncPlan::build(&self.committed, new, |id| self.have(id))?)
+    }
+
+    /// The chunks of `plan` still to fetch: neither staged nor in the tree.
+    pub fn missing_chunks(&self, plan: &SyncPlan) -> Vec<(ChunkId, u32)> {
+        plan.chunks
+            .iter()
+            .copied()
+            .filter(|(id, _)| !self.have(id))
+            .collect()
+    }
+
+    /// Verify and stage one received chunk (durable after [`Receiver::sync_staging`]
+    /// or once enough bytes have accumulated).
+    pub fn stage(&mut self, id: ChunkId, data: &[u8]) -> Result<(), CommitError> {
+        self.staging.put(id, data)?;
+        hit("staged-chunk");
+        if self.staging.unsynced_bytes() >= STAGING_SYNC_BYTES {
+            self.staging.sync()?;
+        }
+        Ok(())
+    }
+
+    /// Make every staged chunk durable.
+    pub fn sync_staging(&mut self) -> Result<(), CommitError> {
+        Ok(self.staging.sync()?)
+    }
+
+    /// Commit `new` by `plan` (from [`Receiver::plan`]) with chunks from
+    /// staging and the committed tree.
+    pub fn commit(
+        &mut self,
+        new: &Manifest,
+        plan: &SyncPlan,
+        opts: &CommitOptions,
+    ) -> Result<CommitSummary, CommitError> {
+        self.commit_with(new, plan, opts, None)
+    }
+
+    /// Like [`Receiver::commit`], also reading chunks from `extra` (e.g. the
+    /// source tree of a local push, so its bytes are not copied twice).
+    pub fn commit_with(
+        &mut self,
+        new: &Manifest,
+        plan: &SyncPlan,
+        opts: &CommitOptions,
+        extra: Option<&dyn ChunkSource>,
+    ) -> Result<CommitSummary, CommitError> {
+        if self.state.read_journal()?.is_some() {
+            self.recover()?;
+        }
+        if plan.from != self.committed.snapshot() {
+            return Err(CommitError::StalePlan {
+                plan: plan.from,
+                committed: self.committed.snapshot(),
+            });
+        }
+        // The plan must be the one recomputed on roll-forward.
+        let check = SyncPlan::build(&self.committed, new, |_| true)?;
+        if plan.to != new.snapshot() || check.digest() != plan.digest() {
+            return Err(CommitError::PlanMismatch(new.snapshot()));
+        }
+        let owners = opts.owners && rustix::process::geteuid().is_root();
+        let span = tracing::info_span!("commit", to = %new.snapshot().short());
+        let _g = span.enter();
+
+        self.staging.sync()?;
+        self.clean_scratch()?;
+        let tmp = self.open_state_dir("tmp")?;
+        let prepared = {
+            let mut sources: Vec<&dyn ChunkSource> = vec![&self.staging, self.tree_chunks()];
+            sources.extend(extra);
+            let src = Sources(sources);
+            prepare(&self.root, &tmp, plan, &src, owners)
+        };
+        let (files_written, bytes_written) = match prepared {
+            Ok(v) => v,
+            Err(e) => {
+                // Nothing in the tree was touched; drop the half-built temps.
+                let _ = self.clean_scratch();
+                return Err(e);
+            }
+        };
+        hit("before-syncfs");
+        rustix::fs::syncfs(&tmp).map_err(io_err("syncfs", b"tmp"))?;
+        hit("after-syncfs");
+
+        let mut m = new.clone();
+        m.gc();
+        self.state.write_journal(&Journal {
+            from: plan.from,
+            to: plan.to,
+            plan_digest: plan.digest(),
+            manifest: m.clone(),
+        })?;
+        hit("journal-written");
+        let mut summary = self.apply_and_finish(plan, m, owners)?;
+        summary.files_written = files_written;
+        summary.bytes_written = bytes_written;
+        Ok(summary)
+    }
+
+    /// Check the tree against the committed manifest.
+    pub fn verify(&self, opts: &VerifyOptions) -> Result<VerifyReport, CommitError> {
+        Ok(verify(&self.root, &self.committed, opts)?)
+    }
+
+    fn open_state_dir(&self, sub: &str) -> Result<OwnedFd, CommitError> {
+        let p = self.state.path().join(sub);
+        openat(
+            rustix::fs::CWD,
+            &p,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| CommitError::Io {
+            op: "open",
+            path: p.display().to_string(),
+            source: e.into(),
+        })
+    }
+
+    /// Empty `tmp/` and `trash/`.
+    fn clean_scratch(&self) -> Result<(), CommitError> {
+        for sub in ["tmp", "trash"] {
+            let fd = self.open_state_dir(sub)?;
+            safefs::clear_dir(&fd).map_err(io_err("clean", sub.as_bytes()))?;
+        }
+        Ok(())
+    }
+
+    /// Finish a journaled commit, if there is one.
+    fn recover(&mut self) -> Result<Option<CommitSummary>, CommitError> {
+        let Some(j) = self.state.read_journal()? else {
+            return Ok(None);
+        };
+        let span = tracing::info_span!("roll-forward", to = %j.to.short());
+        let _g = span.enter();
+        tracing::warn!("finishing an interrupted commit");
+        if j.to != self.committed.snapshot() && j.from != self.committed.snapshot() {
+            return Err(CommitError::JournalMismatch {
+                state: self.state.path().into(),
+                journal_from: j.from,
+                committed: self.committed.snapshot(),
+            });
+        }
+        let plan = SyncPlan::build(&self.committed, &j.manifest, |_| true)?;
+        if j.to != self.committed.snapshot() && plan.digest() != j.plan_digest {
+            return Err(StateError::Damaged {
+                path: self.state.path().join("journal"),
+                why: "the plan recomputed from it differs from the one journaled".into(),
+            }
+            .into());
+        }
+        // Owners were applied to the temps already; later steps re-apply
+        // them only when they are ours to set.
+        let owners = rustix::process::geteuid().is_root();
+        let mut s = self.apply_and_finish(&plan, j.manifest, owners)?;
+        s.rolled_forward = true;
+        Ok(Some(s))
+    }
+
+    fn apply_and_finish(
+        &mut self,
+        plan: &SyncPlan,
+        new: Manifest,
+        owners: bool,
+    ) -> Result<CommitSummary, CommitError> {
+        let tmp = self.open_state_dir("tmp")?;
+        let trash = self.open_state_dir("trash")?;
+        let mut summary = Applier {
+            root: &self.root,
+            tmp: tmp.as_fd(),
+            trash: trash.as_fd(),
+            owners,
+        }
+        .apply(plan)?;
+        summary.root = Some(plan.to);
+
+        hit("before-final-syncfs");
+        rustix::fs::syncfs(self.root.fd()).map_err(io_err("syncfs", b"."))?;
+        if !same_fs(self.root.fd(), tmp.as_fd()) {
+            rustix::fs::syncfs(&tmp).map_err(io_err("syncfs", b"tmp"))?;
+        }
+        hit("before-manifest-store");
+        self.state.store_manifest(&new)?;
+        hit("before-journal-delete");
+        self.state.remove_journal()?;
+        hit("journal-deleted");
+        self.committed = new;
+        self.tree = OnceLock::new();
+        self.staging.clear()?;
+        self.clean_scratch()?;
+        tracing::info!(?summary, "committed");
+        Ok(summary)
+    }
+}
+
+fn same_fs(a: BorrowedFd<'_>, b: BorrowedFd<'_>) -> bool {
+    match (rustix::fs::fstat(a), rustix::fs::fstat(b)) {
+        (Ok(x), Ok(y)) => x.st_dev == y.st_dev,
+        _ => false,
+    }
+}
+
+fn timestamps(mtime_ns: i64) -> Timestamps {
+    let t = Timespec {
+        tv_sec: mtime_ns.div_euclid(1_000_000_000),
+        tv_nsec: mtime_ns.rem_euclid(1_000_000_000) as _,
+    };
+    Timestamps {
+        last_access: t,
+        last_modification: t,
+    }
+}
+
+fn ids(e: &Entry) -> (Option<Uid>, Option<Gid>) {
+    // -1 means "leave unchanged" to chown; never pass it on.
+    (
+        (e.uid != u32::MAX).then(|| Uid::from_raw(e.uid)),
+        (e.gid != u32::MAX).then(|| Gid::from_raw(e.gid)),
+    )
+}
+
+fn tmp_name(prefix: char, i: usize) -> String {
+    format!("{prefix}{i}")
+}
+
+/// How often (every how many items) a long phase hits a crash point.
+fn step(n: usize) -> usize {
+    (n / 256).max(1)
+}
+
+/// Build every new file and symlink of `plan` in `tmp`; nothing in the
+/// tree changes. Returns (files, bytes) written.
+fn prepare(
+    root: &Root,
+    tmp: &OwnedFd,
+    plan: &SyncPlan,
+    src: &dyn ChunkSource,
+    owners: bool,
+) -> Result<(u64, u64), CommitError> {
+    preflight(root, plan)?;
+    let bytes = plan.file_bytes();
+    let st = rustix::fs::fstatvfs(tmp).map_err(io_err("statvfs", b"tmp"))?;
+    let avail = st.f_bavail.saturating_mul(st.f_frsize);
+    if bytes > avail {
+        return Err(CommitError::NoSpace {
+            path: root.path().display().to_string(),
+            need: bytes,
+            avail,
+        });
+    }
+    let every = step(plan.files.len());
+    let build = |(i, op): (usize, &Op)| -> Result<(), CommitError> {
+        build_file(tmp.as_fd(), &tmp_name('f', i), op, src, owners)?;
+        if i % every == 0 {
+            hit("temp-file-written");
+        }
+        Ok(())
+    };
+    if plan.files.len() >= 64 {
+        plan.files.par_iter().enumerate().try_for_each(build)?;
+    } else {
+        plan.files.iter().enumerate().try_for_each(build)?;
+    }
+    for (i, op) in plan.symlinks.iter().enumerate() {
+        let Kind::Symlink { target } = &op.entry.kind else {
+            continue;
+        };
+        if target.is_empty() || target.contains(&0) {
+            return Err(SafeFsError::Unsafe {
+                path: lossy(&op.path),
+                why: "symlink target empty or with NUL".into(),
+            }
+            .into());
+        }
+        let name = tmp_name('l', i);
+        symlinkat(target.as_slice(), tmp, name.as_str()).map_err(io_err("symlink", &op.path))?;
+        set_link_meta(tmp.as_fd(), name.as_bytes(), &op.entry, owners, &op.path)?;
+    }
+    hit("temp-symlinks-made");
+    Ok((plan.files.len() as u64, bytes))
+}
+
+/// Before the journal, check every path the plan touches: valid, and each
+/// parent that must already exist opens beneath the root with no symlink
+/// on the way. A tree changed behind our back then fails the commit while
+/// the tree is still untouched, instead of stopping a journaled one.
+fn preflight(root: &Root, plan: &SyncPlan) -> Result<(), CommitError> {
+    let created: HashSet<&[u8]> = plan.mkdirs.iter().map(|o| o.path.as_slice()).collect();
+    let mut parents: HashSet<&[u8]> = HashSet::new();
+    let ops = plan
+        .mkdirs
+        .iter()
+        .chain(&plan.files)
+        .chain(&plan.meta)
+        .chain(&plan.hardlinks)
+        .chain(&plan.symlinks)
+        .chain(&plan.dir_meta);
+    for op in ops {
+        safefs::check_path(&op.path)?;
+        parents.insert(safefs::split(&op.path).0);
+    }
+    for d in &plan.deletions {
+        safefs::check_path(&d.path)?;
+    }
+    for p in parents {
+        if p.is_empty() || created.contains(p) {
+            continue;
+        }
+        root.open_dir(p, OFlags::PATH)?;
+    }
+    Ok(())
+}
+
+fn build_file(
+    tmp: BorrowedFd<'_>,
+    name: &str,
+    op: &Op,
+    src: &dyn ChunkSource,
+    owners: bool,
+) -> Result<(), CommitError> {
+    let Kind::File { size, hash, chunks } = &op.entry.kind else {
+        return Err(CommitError::Unexpected {
+            path: lossy(&op.path),
+            found: format!("{:?}", NodeKind::of(&op.entry)),
+            want: "a regular file",
+        });
+    };
+    let werr = |e: io::Error| CommitError::Io {
+        op: "write",
+        path: lossy(&op.path),
+        source: e,
+    };
+    let fd = openat(
+        tmp,
+        name,
+        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o600),
+    )
+    .map_err(io_err("create a temporary for", &op.path))?;
+    let file = File::from(fd);
+    let mut hasher = (!chunks.is_empty()).then(blake3::Hasher::new);
+    let mut written = 0u64;
+    for (id, off, len) in chunk_spans(*size, *hash, chunks) {
+        let data = src.read(&id).ok_or_else(|| CommitError::MissingChunk {
+            id,
+            path: lossy(&op.path),
+        })?;
+        if data.len() != len as usize {
+            return Err(CommitError::ContentMismatch {
+                path: lossy(&op.path),
+            });
+        }
+        crashpoint::check_write().map_err(werr)?;
+        file.write_all_at(&data, off).map_err(werr)?;
+        if let Some(h) = hasher.as_mut() {
+            h.update(&data);
+        }
+        written += len as u64;
+    }
+    let whole_ok = match hasher {
+        Some(h) => FileHash::from(h.finalize()) == *hash,
+        None => *size > 0 || *hash == FileHash::of(b""),
+    };
+    if written != *size || !whole_ok {
+        return Err(CommitError::ContentMismatch {
+            path: lossy(&op.path),
+        });
+    }
+    set_fd_meta(&file, &op.entry, owners).map_err(|e| CommitError::Io {
+        op: "set metadata of",
+        path: lossy(&op.path),
+        source: e.into(),
+    })
+}
+
+/// Owner, then mode (chown clears setuid), then times, on an open fd.
+fn set_fd_meta(fd: impl AsFd, e: &Entry, owners: bool) -> Result<(), Errno> {
+    if owners {
+        let (u, g) = ids(e);
+        rustix::fs::fchown(&fd, u, g)?;
+    }
+    rustix::fs::fchmod(&fd, Mode::from_raw_mode(e.mode))?;
+    rustix::fs::futimens(&fd, &timestamps(e.mtime_ns))
+}
+
+/// Times and owner of a symlink itself (a symlink has no mode of its own).
+fn set_link_meta(
+    dir: BorrowedFd<'_>,
+    name: &[u8],
+    e: &Entry,
+    owners: bool,
+    path: &[u8],
+) -> Result<(), CommitError> {
+    if owners {
+        let (u, g) = ids(e);
+        rustix::fs::chownat(dir, name, u, g, AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(io_err("chown", path))?;
+    }
+    utimensat(
+        dir,
+        name,
+        &timestamps(e.mtime_ns),
+        AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .map_err(io_err("set times of", path))
+}
+
+/// Applies the tree-changing steps of a plan; each is idempotent.
+struct Applier<'a> {
+    root: &'a Root,
+    tmp: BorrowedFd<'a>,
+    trash: BorrowedFd<'a>,
+    owners: bool,
+}
+
+impl Applier<'_> {
+    fn apply(&self, plan: &SyncPlan) -> Result<CommitSummary, CommitError> {
+        let mut s = CommitSummary::default();
+        let every = step(plan.mkdirs.len());
+        for (i, op) in plan.mkdirs.iter().enumerate() {
+            self.mkdir(i, op)?;
+            s.dirs_created += 1;
+            if i % every == 0 {
+                hit("mkdir");
+            }
+        }
+        let every = step(plan.files.len());
+        for (i, op) in plan.files.iter().enumerate() {
+            self.place(&tmp_name('f', i), &op.path)?;
+            if i % every == 0 {
+                hit("file-renamed");
+            }
+        }
+        for op in &plan.meta {
+            self.set_meta(op)?;
+            s.metadata += 1;
+        }
+        hit("metadata-set");
+        for (i, op) in plan.hardlinks.iter().enumerate() {
+            self.hardlink(i, op)?;
+            s.hardlinks += 1;
+        }
+        hit("hardlinks-made");
+        let every = step(plan.symlinks.len());
+        for (i, op) in plan.symlinks.iter().enumerate() {
+            self.place(&tmp_name('l', i), &op.path)?;
+            s.symlinks += 1;
+            if i % every == 0 {
+                hit("symlink-flipped");
+            }
+        }
+        let every = step(plan.deletions.len());
+        for (i, d) in plan.deletions.iter().enumerate() {
+            self.delete(i, &d.path, d.kind)?;
+            s.deleted += 1;
+            if i % every == 0 {
+                hit("deleted");
+            }
+        }
+        for op in &plan.dir_meta {
+            self.dir_meta(op)?;
+        }
+        hit("dir-meta-set");
+        Ok(s)
+    }
+
+    fn mkdir(&self, i: usize, op: &Op) -> Result<(), CommitError> {
+        let (dir, name) = self.root.parent(&op.path)?;
+        let mk = || mkdirat(&dir, name, Mode::from_raw_mode(0o700));
+        match mk() {
+            Ok(()) => {}
+            Err(Errno::EXIST) => {
+                let st = lstat_at(&dir, name).map_err(io_err("stat", &op.path))?;
+                if st.is_some_and(|st| kind_of(&st) == FileType::Directory) {
+                    return Ok(());
+                }
+                // A file or symlink where the directory goes (the plan
+                // replaces it, or it was planted): move it out, never enter it.
+                renameat(&dir, name, self.trash, format!("m{i}").as_str())
+                    .map_err(io_err("move aside", &op.path))?;
+                mk().map_err(io_err("create directory", &op.path))?;
+            }
+            Err(e) => return Err(io_err("create directory", &op.path)(e)),
+        }
+        // Permissive modes now, so a reader can enter the directory once a
+        // symlink points at it; restrictive ones at the end (dir_meta).
+        let root = rustix::process::geteuid().is_root();
+        if root || op.entry.mode & 0o300 == 0o300 {
+            let fd = openat(
+                &dir,
+                name,
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(io_err("open", &op.path))?;
+            rustix::fs::fchmod(&fd, Mode::from_raw_mode(op.entry.mode))
+                .map_err(io_err("chmod", &op.path))?;
+        }
+        Ok(())
+    }
+
+    /// Move `tmp/<tmp>` to `path`. Gone from tmp = already done. If a
+    /// directory sits at `path` it is swapped out atomically (exchange) and
+    /// then moved to the trash; a directory found in tmp is such a leftover.
+    fn place(&self, tmp: &str, path: &[u8]) -> Result<(), CommitError> {
+        let Some(st) = lstat_at(self.tmp, tmp.as_bytes()).map_err(io_err("stat", path))? else {
+            return Ok(());
+        };
+        if kind_of(&st) == FileType::Directory {
+            return self.to_trash(tmp, path);
+        }
+        let (dir, name) = self.root.parent(path)?;
+        match renameat(self.tmp, tmp, &dir, name) {
+            Ok(()) => Ok(()),
+            Err(Errno::ISDIR) | Err(Errno::NOTEMPTY) | Err(Errno::EXIST) => {
+                renameat_with(self.tmp, tmp, &dir, name, RenameFlags::EXCHANGE)
+                    .map_err(io_err("swap in", path))?;
+                hit("directory-swapped-out");
+                self.to_trash(tmp, path)
+            }
+            Err(e) => Err(io_err("rename into place", path)(e)),
+        }
+    }
+
+    fn to_trash(&self, tmp: &str, path: &[u8]) -> Result<(), CommitError> {
+        renameat(self.tmp, tmp, self.trash, tmp).map_err(io_err("move to trash", path))
+    }
+
+    fn set_meta(&self, op: &Op) -> Result<(), CommitError> {
+        let (dir, name) = self.root.parent(&op.path)?;
+        let st = lstat_at(&dir, name)
+            .map_err(io_err("stat", &op.path))?
+            .ok_or_else(|| CommitError::Unexpected {
+                path: lossy(&op.path),
+                found: "nothing".into(),
+                want: "an existing entry",
+            })?;
+        match (&op.entry.kind, kind_of(&st)) {
+            (Kind::Symlink { .. }, FileType::Symlink) => {
+                set_link_meta(dir.as_fd(), name, &op.entry, self.owners, &op.path)
+            }
+            (Kind::File { .. }, FileType::RegularFile) => {
+                let fd = openat(
+                    &dir,
+                    name,
+                    OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(io_err("open", &op.path))?;
+                set_fd_meta(&fd, &op.entry, self.owners)
+                    .map_err(io_err("set metadata of", &op.path))
+            }
+            (_, found) => Err(CommitError::Unexpected {
+                path: lossy(&op.path),
+                found: format!("{found:?}"),
+                want: "the kind in the snapshot",
+            }),
+        }
+    }
+
+    fn hardlink(&self, i: usize, op: &Op) -> Result<(), CommitError> {
+        let Kind::HardLink { path: primary, .. } = &op.entry.kind else {
+            return Ok(());
+        };
+        let tmp = tmp_name('h', i);
+        if lstat_at(self.tmp, tmp.as_bytes())
+            .map_err(io_err("stat", &op.path))?
+            .is_some()
+        {
+            return self.place(&tmp, &op.path);
+        }
+        let (pdir, pname) = self.root.parent(primary)?;
+        let pst = lstat_at(&pdir, pname)
+            .map_err(io_err("stat", primary))?
+            .filter(|st| kind_of(st) == FileType::RegularFile)
+            .ok_or_else(|| CommitError::Unexpected {
+                path: lossy(primary),
+                found: "no regular file".into(),
+                want: "the primary of a hard link",
+            })?;
+        let (dir, name) = self.root.parent(&op.path)?;
+        if let Some(st) = lstat_at(&dir, name).map_err(io_err("stat", &op.path))? {
+            if st.st_ino == pst.st_ino && st.st_dev == pst.st_dev {
+                return Ok(());
+            }
+        }
+        linkat(&pdir, pname, self.tmp, tmp.as_str(), AtFlags::empty())
+            .map_err(io_err("hard-link", &op.path))?;
+        self.place(&tmp, &op.path)
+    }
+
+    fn delete(&self, i: usize, path: &[u8], kind: NodeKind) -> Result<(), CommitError> {
+        let (dir, name) = match self.root.parent(path) {
+            Ok(v) => v,
+            // No parent, no entry: already gone.
+            Err(e) if e.errno() == Some(libc::ENOENT) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        let to_trash = || -> Result<(), CommitError> {
+            match renameat(&dir, name, self.trash, format!("d{i}").as_str()) {
+                Ok(()) | Err(Errno::NOENT) => Ok(()),
+                Err(e) => Err(io_err("remove", path)(e)),
+            }
+        };
+        if kind == NodeKind::Dir {
+            // The whole subtree leaves the tree in one rename.
+            return to_trash();
+        }
+        match unlinkat(&dir, name, AtFlags::empty()) {
+            Ok(()) | Err(Errno::NOENT) => Ok(()),
+            Err(Errno::ISDIR) | Err(Errno::PERM) => to_trash(),
+            Err(e) => Err(io_err("remove", path)(e)),
+        }
+    }
+
+    fn dir_meta(&self, op: &Op) -> Result<(), CommitError> {
+        let fd = self.root.open_dir(&op.path, OFlags::RDONLY)?;
+        set_fd_meta(&fd, &op.entry, self.owners).map_err(io_err("set metadata of", &op.path))
+    }
+}
+
+/// Push a local tree: commit `src` (the manifest of `src_root`) into the
+/// receiver, reading missing chunks straight from the source files (each
+/// verified against its id; a source file changed since the scan makes
+/// the commit fail with [`CommitError::MissingChunk`], never write wrong
+/// bytes).
+pub fn push_local(
+    src: &Manifest,
+    src_root: &Path,
+    recv: &mut Receiver,
+    opts: &CommitOptions,
+) -> Result<CommitSummary, CommitError> {
+    let plan = recv.plan(src)?;
+    // Every chunk of the plan, not only the missing ones: a tree copy that
+    // fails verification at commit time is then read from the source.
+    let wanted: HashSet<ChunkId> = plan.chunks.iter().map(|c| c.0).collect();
+    let src_chunks = TreeChunks::build_filtered(Arc::new(Root::open(src_root)?), src, |id| {
+        wanted.contains(id)
+    })?;
+    recv.commit_with(src, &plan, opts, Some(&src_chunks))
+}
+
+/// Like [`push_local`], but every missing chunk travels through the
+/// staging area first, exactly as chunks received from a peer do.
+pub fn push_local_staged(
+    src: &Manifest,
+    src_root: &Path,
+    recv: &mut Receiver,
+    opts: &CommitOptions,
+) -> Result<CommitSummary, CommitError> {
+    let plan = recv.plan(src)?;
+    let missing = recv.missing_chunks(&plan);
+    let want: HashSet<ChunkId> = missing.iter().map(|c| c.0).collect();
+    let src_chunks =
+        TreeChunks::build_filtered(Arc::new(Root::open(src_root)?), src, |id| want.contains(id))?;
+    for (id, _) in missing {
+        let data = src_chunks
+            .read(&id)
+            .ok_or_else(|| CommitError::MissingChunk {
+                id,
+                path: src_root.display().to_string(),
+            })?;
+        recv.stage(id, &data)?;
+    }
+    recv.sync_staging()?;
+    recv.commit(src, &plan, opts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::Entry;
+
+    fn op(path: &[u8], kind: Kind) -> Op {
+        Op {
+            path: path.to_vec(),
+            entry: Entry {
+                name: safefs::split(path).1.to_vec(),
+                mode: 0o644,
+                mtime_ns: 0,
+                uid: 0,
+                gid: 0,
+                kind,
+            },
+            replaces: None,
+        }
+    }
+
+    /// The applier itself refuses hostile paths, even in a plan that never
+    /// went through the digest check of `Receiver::commit`.
+    #[test]
+    fn the_applier_refuses_hostile_paths_of_a_forged_plan() {
+        let t = tempfile::tempdir().unwrap();
+        let (dest, tmp, trash, outside) = (
+            t.path().join("dest"),
+            t.path().join("tmp"),
+            t.path().join("trash"),
+            t.path().join("outside"),
+        );
+        for d in [&dest, &tmp, &trash, &outside] {
+            std::fs::create_dir(d).unwrap();
+        }
+        std::os::unix::fs::symlink(&outside, dest.join("x")).unwrap();
+        let root = Root::open(&dest).unwrap();
+        let tmpfd = File::open(&tmp).unwrap();
+        let trashfd = File::open(&trash).unwrap();
+        let applier = Applier {
+            root: &root,
+            tmp: tmpfd.as_fd(),
+            trash: trashfd.as_fd(),
+            owners: false,
+        };
+        let empty = Manifest::empty();
+        let mut plan = SyncPlan::build(&empty, &empty, |_| true).unwrap();
+        let file = Kind::File {
+            size: 0,
+            hash: FileHash::of(b""),
+            chunks: vec![],
+        };
+        for bad in [&b"../evil"[..], b"/abs", b"a/../../b", b"x/evil", b"n\0ul"] {
+            std::fs::write(tmp.join("f0"), b"").unwrap();
+            plan.files = vec![op(bad, file.clone())];
+            assert!(applier.apply(&plan).is_err(), "{bad:?}");
+            assert!(preflight(&root, &plan).is_err(), "{bad:?}");
+        }
+        plan.files.clear();
+        plan.mkdirs = vec![op(b"x/sub", Kind::Dir { tree: empty.root() })];
+        assert!(applier.apply(&plan).is_err());
+        assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
+        assert!(!t.path().join("evil").exists());
+    }
+}

@@ -1,0 +1,619 @@
+//! The commit plan: what turning the committed snapshot into a new one
+//! must create, write, link, flip and delete, as plain data, in the order
+//! the commit engine applies it. Built from [`crate::diff::diff`]; easy to
+//! print for `--dry-run`, to test and to fuzz. No IO.
+
+use std::collections::{BTreeSet, HashSet};
+use std::fmt;
+
+use serde::Serialize;
+
+use crate::chunk::chunk_spans;
+use crate::diff::{diff, Change};
+use crate::hash::{ChunkId, SnapshotId};
+use crate::manifest::{lossy, Entry, Kind, Manifest, ManifestError};
+use crate::safefs::split;
+
+/// Why a plan could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    #[error("hard link {path:?} names {primary:?}, which is not the same file in the snapshot")]
+    BadHardLink { path: String, primary: String },
+}
+
+/// The kind of an entry, without its content.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum NodeKind {
+    File,
+    Dir,
+    Symlink,
+    HardLink,
+}
+
+impl NodeKind {
+    pub fn of(e: &Entry) -> NodeKind {
+        match e.kind {
+            Kind::File { .. } => NodeKind::File,
+            Kind::Dir { .. } => NodeKind::Dir,
+            Kind::Symlink { .. } => NodeKind::Symlink,
+            Kind::HardLink { .. } => NodeKind::HardLink,
+        }
+    }
+}
+
+/// Create, write, link or flip `path` to `entry`. `replaces` is the kind
+/// of the old entry at that path when the kind changes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Op {
+    #[serde(with = "serde_bytes")]
+    pub path: Vec<u8>,
+    pub entry: Entry,
+    pub replaces: Option<NodeKind>,
+}
+
+/// Remove `path` (recursively for a directory).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Deletion {
+    #[serde(with = "serde_bytes")]
+    pub path: Vec<u8>,
+    pub kind: NodeKind,
+}
+
+/// Everything a commit does, section by section in the order applied.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SyncPlan {
+    pub from: SnapshotId,
+    pub to: SnapshotId,
+    /// New directories, parents first.
+    pub mkdirs: Vec<Op>,
+    /// New or changed regular files (built in temporaries, then renamed).
+    pub files: Vec<Op>,
+    /// Files and symlinks whose content is unchanged but metadata differs.
+    pub meta: Vec<Op>,
+    /// Hard links (`entry.kind` is `HardLink`), after their primaries.
+    pub hardlinks: Vec<Op>,
+    /// New or retargeted symlinks, flipped after everything else is in place.
+    pub symlinks: Vec<Op>,
+    /// Removals: symlinks first, then children before parents.
+    pub deletions: Vec<Deletion>,
+    /// Directories whose mode and mtime are (re)set last, deepest first.
+    pub dir_meta: Vec<Op>,
+    /// Distinct chunks the files need, in first-use order.
+    pub chunks: Vec<(ChunkId, u32)>,
+    /// Those of `chunks` the receiver did not have when planning.
+    pub missing: Vec<(ChunkId, u32)>,
+}
+
+impl SyncPlan {
+    /// The plan from `old` to `new`; `have` tells which chunks are local.
+    pub fn build(
+        old: &Manifest,
+        new: &Manifest,
+        mut have: impl FnMut(&ChunkId) -> bool,
+    ) -> Result<SyncPlan, PlanError> {
+        let changes = diff(old, new)?;
+        let mut p = SyncPlan {
+            from: old.snapshot(),
+            to: new.snapshot(),
+            mkdirs: Vec::new(),
+            files: Vec::new(),
+            meta: Vec::new(),
+            hardlinks: Vec::new(),
+            symlinks: Vec::new(),
+            deletions: Vec::new(),
+            dir_meta: Vec::new(),
+            chunks: Vec::new(),
+            missing: Vec::new(),
+        };
+        let mut touched: BTreeSet<Vec<u8>> = BTreeSet::new();
+        let mut dir_entries: Vec<Op> = Vec::new();
+        let mut deletions = Vec::new();
+        let mut i = 0;
+        while i < changes.len() {
+            let c = &changes[i];
+            touched.insert(split(c.path()).0.to_vec());
+            match c {
+                Change::Removed { path, entry } => {
+                    let replaced = matches!(changes.get(i + 1),
+                        Some(Change::Added { path: p2, .. }) if p2 == path);
+                    if !replaced {
+                        deletions.push(Deletion {
+                            path: path.clone(),
+                            kind: NodeKind::of(entry),
+                        });
+                    } else {
+                        let Change::Added { entry: new_e, .. } = &changes[i + 1] else {
+                            unreachable!("checked above")
+                        };
+                        p.add(path, new_e, Some(NodeKind::of(entry)), &mut dir_entries);
+                        i += 1;
+                    }
+                }
+                Change::Added { path, entry } => p.add(path, entry, None, &mut dir_entries),
+                Change::Modified { path, old, new: e } => {
+                    let op = Op {
+                        path: path.clone(),
+                        entry: e.clone(),
+                        replaces: None,
+                    };
+                    match (&old.kind, &e.kind) {
+                        (Kind::Dir { .. }, _) => dir_entries.push(op),
+                        (
+                            Kind::File { size, hash, chunks },
+                            Kind::File {
+                                size: s2,
+                                hash: h2,
+                                chunks: c2,
+                            },
+                        ) if (size, hash, chunks) == (s2, h2, c2) => p.meta.push(op),
+                        (Kind::Symlink { target }, Kind::Symlink { target: t2 })
+                            if target == t2 =>
+                        {
+                            p.meta.push(op)
+                        }
+                        _ => p.add(path, e, None, &mut dir_entries),
+                    }
+                }
+            }
+            i += 1;
+        }
+        for l in &p.hardlinks {
+            let Kind::HardLink { path, size, hash } = &l.entry.kind else {
+                continue;
+            };
+            let ok = matches!(new.lookup(path), Ok(Some(Entry { kind: Kind::File { size: s, hash: h, .. }, .. }))
+                if s == *size && h == *hash);
+            if !ok {
+                return Err(PlanError::BadHardLink {
+                    path: lossy(&l.path),
+                    primary: lossy(path),
+                });
+            }
+        }
+        order_symlinks(&mut p.symlinks);
+        // Symlinks go first so none is left pointing into a removed subtree.
+        deletions.reverse();
+        deletions.sort_by_key(|d| d.kind != NodeKind::Symlink);
+        p.deletions = deletions;
+
+        // Every directory whose listing changed gets its mtime back.
+        let listed: HashSet<Vec<u8>> = dir_entries.iter().map(|o| o.path.clone()).collect();
+        touched.remove(&Vec::new());
+        for dir in touched {
+            if listed.contains(&dir) {
+                continue;
+            }
+            if let Some(e) = new.lookup(&dir)? {
+                if e.is_dir() {
+                    dir_entries.push(Op {
+                        path: dir,
+                        entry: e,
+                        replaces: None,
+                    });
+                }
+            }
+        }
+        dir_entries.sort_by(|a, b| {
+            let depth = |p: &[u8]| p.iter().filter(|&&c| c == b'/').count();
+            depth(&b.path)
+                .cmp(&depth(&a.path))
+                .then(a.path.cmp(&b.path))
+        });
+        p.dir_meta = dir_entries;
+
+        let mut seen = HashSet::new();
+        for f in &p.files {
+            if let Kind::File { size, hash, chunks } = &f.entry.kind {
+                for (id, _, len) in chunk_spans(*size, *hash, chunks) {
+                    if seen.insert(id) {
+                        p.chunks.push((id, len));
+                    }
+                }
+            }
+        }
+        p.missing = p
+            .chunks
+            .iter()
+            .copied()
+            .filter(|(id, _)| !have(id))
+            .collect();
+        Ok(p)
+    }
+
+    /// The plan that builds `new` from nothing.
+    pub fn full(new: &Manifest, have: impl FnMut(&ChunkId) -> bool) -> Result<SyncPlan, PlanError> {
+        SyncPlan::build(&Manifest::empty(), new, have)
+    }
+
+    fn add(&mut self, path: &[u8], e: &Entry, replaces: Option<NodeKind>, dirs: &mut Vec<Op>) {
+        let op = Op {
+            path: path.to_vec(),
+            entry: e.clone(),
+            replaces,
+        };
+        match e.kind {
+            Kind::Dir { .. } => {
+                dirs.push(op.clone());
+                self.mkdirs.push(op);
+            }
+            Kind::File { .. } => self.files.push(op),
+            Kind::Symlink { .. } => self.symlinks.push(op),
+            Kind::HardLink { .. } => self.hardlinks.push(op),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.mkdirs.is_empty()
+            && self.files.is_empty()
+            && self.meta.is_empty()
+            && self.hardlinks.is_empty()
+            && self.symlinks.is_empty()
+            && self.deletions.is_empty()
+            && self.dir_meta.is_empty()
+    }
+
+    /// Bytes of the regular files to write.
+    pub fn file_bytes(&self) -> u64 {
+        self.files
+            .iter()
+            .map(|o| match o.entry.kind {
+                Kind::File { size, .. } => size,
+                _ => 0,
+            })
+            .sum()
+    }
+
+    /// Bytes of the chunks that were missing when planned.
+    pub fn missing_bytes(&self) -> u64 {
+        self.missing.iter().map(|&(_, l)| l as u64).sum()
+    }
+
+    /// A digest of everything the plan does (journaled, and checked when a
+    /// commit is rolled forward).
+    pub fn digest(&self) -> [u8; 32] {
+        let mut h = blake3::Hasher::new();
+        let cfg = bincode::config::standard();
+        let mut section = |tag: &[u8], ops: &[Op]| {
+            h.update(tag);
+            h.update(&(ops.len() as u64).to_le_bytes());
+            for o in ops {
+                let b = bincode::serde::encode_to_vec(o, cfg).expect("plain data encodes");
+                h.update(&(b.len() as u64).to_le_bytes());
+                h.update(&b);
+            }
+        };
+        section(b"mkdirs", &self.mkdirs);
+        section(b"files", &self.files);
+        section(b"meta", &self.meta);
+        section(b"links", &self.hardlinks);
+        section(b"symlinks", &self.symlinks);
+        section(b"dirmeta", &self.dir_meta);
+        h.update(b"deletions");
+        for d in &self.deletions {
+            h.update(&(d.path.len() as u64).to_le_bytes());
+            h.update(&d.path);
+            h.update(&[d.kind as u8]);
+        }
+        h.update(self.from.as_bytes());
+        h.update(self.to.as_bytes());
+        *h.finalize().as_bytes()
+    }
+}
+
+/// The tree path a relative symlink at `link` names, resolved lexically;
+/// `None` for an absolute target or one that leaves the tree.
+pub fn resolve_target(link: &[u8], target: &[u8]) -> Option<Vec<u8>> {
+    if target.first() == Some(&b'/') {
+        return None;
+    }
+    let mut parts: Vec<&[u8]> = link.split(|&b| b == b'/').collect();
+    parts.pop();
+    for c in target.split(|&b| b == b'/') {
+        match c {
+            b"" | b"." => {}
+            b".." => {
+                parts.pop()?;
+            }
+            n => parts.push(n),
+        }
+    }
+    Some(parts.join(&b'/'))
+}
+
+/// Order symlink flips so that a symlink comes after every new symlink
+/// inside the tree it points at (so `current -> repo` flips only once the
+/// symlinks inside `repo` are in place) and after any new symlink on the
+/// way to its target. Otherwise canonical order; cycles keep it too.
+fn order_symlinks(ops: &mut Vec<Op>) {
+    use std::cmp::Reverse;
+    use std::collections::{BTreeMap, BinaryHeap};
+    if ops.len() < 2 {
+        return;
+    }
+    let at: BTreeMap<&[u8], usize> = ops
+        .iter()
+        .enumerate()
+        .map(|(i, o)| (o.path.as_slice(), i))
+        .collect();
+    let mut after: Vec<Vec<usize>> = vec![Vec::new(); ops.len()];
+    let mut indeg = vec![0usize; ops.len()];
+    for (i, o) in ops.iter().enumerate() {
+        let Kind::Symlink { target } = &o.entry.kind else {
+            continue;
+        };
+        let Some(r) = resolve_target(&o.path, target) else {
+            continue;
+        };
+        let mut before: Vec<usize> = Vec::new();
+        // New symlinks on the way to the target, and the target itself.
+        let mut end = 0;
+        while end <= r.len() {
+            if end == r.len() || r[end] == b'/' {
+                if let Some(&j) = at.get(&r[..end]) {
+                    before.push(j);
+                }
+            }
+            end += 1;
+        }
+        // New symlinks inside the target.
+        let mut prefix = r.clone();
+        if !prefix.is_empty() {
+            prefix.push(b'/');
+        }
+        for (_, &j) in at
+            .range(prefix.as_slice()..)
+            .take_while(|(k, _)| k.starts_with(&prefix))
+        {
+            before.push(j);
+        }
+        for j in before {
+            if j != i {
+                after[j].push(i);
+                indeg[i] += 1;
+            }
+        }
+    }
+    let mut ready: BinaryHeap<Reverse<usize>> = (0..ops.len())
+        .filter(|&i| indeg[i] == 0)
+        .map(Reverse)
+        .collect();
+    let mut order = Vec::with_capacity(ops.len());
+    let mut done = vec![false; ops.len()];
+    while let Some(Reverse(i)) = ready.pop() {
+        order.push(i);
+        done[i] = true;
+        for &k in &after[i] {
+            indeg[k] -= 1;
+            if indeg[k] == 0 {
+                ready.push(Reverse(k));
+            }
+        }
+    }
+    order.extend((0..ops.len()).filter(|&i| !done[i]));
+    let mut old: Vec<Option<Op>> = std::mem::take(ops).into_iter().map(Some).collect();
+    ops.extend(order.into_iter().filter_map(|i| old[i].take()));
+}
+
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+impl fmt::Display for SyncPlan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "plan {} -> {}: {} dirs, {} files ({}), {} hard links, {} symlinks, {} metadata, {} deletions; {} chunks needed, {} missing ({})",
+            self.from.short(),
+            self.to.short(),
+            self.mkdirs.len(),
+            self.files.len(),
+            human(self.file_bytes()),
+            self.hardlinks.len(),
+            self.symlinks.len(),
+            self.meta.len(),
+            self.deletions.len(),
+            self.chunks.len(),
+            self.missing.len(),
+            human(self.missing_bytes()),
+        )?;
+        let repl = |o: &Op| match o.replaces {
+            Some(k) => format!(" (replaces {k:?})"),
+            None => String::new(),
+        };
+        for o in &self.mkdirs {
+            writeln!(f, "mkdir    {}/{}", lossy(&o.path), repl(o))?;
+        }
+        for o in &self.files {
+            let size = match o.entry.kind {
+                Kind::File { size, .. } => size,
+                _ => 0,
+            };
+            writeln!(
+                f,
+                "write    {} ({}){}",
+                lossy(&o.path),
+                human(size),
+                repl(o)
+            )?;
+        }
+        for o in &self.meta {
+            writeln!(f, "meta     {} (mode {:o})", lossy(&o.path), o.entry.mode)?;
+        }
+        for o in &self.hardlinks {
+            if let Kind::HardLink { path, .. } = &o.entry.kind {
+                writeln!(
+                    f,
+                    "link     {} => {}{}",
+                    lossy(&o.path),
+                    lossy(path),
+                    repl(o)
+                )?;
+            }
+        }
+        for o in &self.symlinks {
+            if let Kind::Symlink { target } = &o.entry.kind {
+                writeln!(
+                    f,
+                    "symlink  {} -> {}{}",
+                    lossy(&o.path),
+                    lossy(target),
+                    repl(o)
+                )?;
+            }
+        }
+        for d in &self.deletions {
+            let slash = if d.kind == NodeKind::Dir { "/" } else { "" };
+            writeln!(f, "delete   {}{slash}", lossy(&d.path))?;
+        }
+        for o in &self.dir_meta {
+            writeln!(f, "dirmeta  {}/ (mode {:o})", lossy(&o.path), o.entry.mode)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hash::FileHash;
+    use crate::manifest::Tree;
+
+    fn e(name: &[u8], kind: Kind) -> Entry {
+        Entry {
+            name: name.to_vec(),
+            mode: 0o644,
+            mtime_ns: 1,
+            uid: 0,
+            gid: 0,
+            kind,
+        }
+    }
+    fn file(name: &[u8], c: &[u8]) -> Entry {
+        e(
+            name,
+            Kind::File {
+                size: c.len() as u64,
+                hash: FileHash::of(c),
+                chunks: vec![],
+            },
+        )
+    }
+    fn dir(name: &[u8]) -> Entry {
+        e(
+            name,
+            Kind::Dir {
+                tree: Tree::default().id(),
+            },
+        )
+    }
+    fn link(name: &[u8], t: &[u8]) -> Entry {
+        e(name, Kind::Symlink { target: t.to_vec() })
+    }
+
+    #[test]
+    fn sections_and_order() {
+        let mut a = Manifest::empty();
+        a.set_entry(b"d", Some(dir(b"d"))).unwrap();
+        a.set_entry(b"d/x", Some(file(b"x", b"1"))).unwrap();
+        a.set_entry(b"d/sub", Some(dir(b"sub"))).unwrap();
+        a.set_entry(b"d/sub/y", Some(file(b"y", b"2"))).unwrap();
+        a.set_entry(b"cur", Some(link(b"cur", b"d"))).unwrap();
+        a.set_entry(b"old", Some(link(b"old", b"d/sub"))).unwrap();
+        a.set_entry(b"k", Some(file(b"k", b"k"))).unwrap();
+
+        let mut b = a.clone();
+        b.set_entry(b"n", Some(dir(b"n"))).unwrap();
+        b.set_entry(b"n/f", Some(file(b"f", b"new"))).unwrap();
+        b.set_entry(b"n/g", Some(file(b"g", b"new"))).unwrap();
+        b.set_entry(b"cur", Some(link(b"cur", b"n"))).unwrap();
+        b.set_entry(b"old", None).unwrap();
+        b.set_entry(b"d/sub", None).unwrap();
+        b.set_entry(
+            b"k",
+            Some(Entry {
+                mode: 0o600,
+                ..file(b"k", b"k")
+            }),
+        )
+        .unwrap();
+        b.set_entry(b"d/x", Some(link(b"x", b"elsewhere"))).unwrap();
+
+        let p = SyncPlan::build(&a, &b, |_| false).unwrap();
+        let paths = |ops: &[Op]| ops.iter().map(|o| lossy(&o.path)).collect::<Vec<_>>();
+        assert_eq!(paths(&p.mkdirs), ["n"]);
+        assert_eq!(paths(&p.files), ["n/f", "n/g"]);
+        assert_eq!(paths(&p.meta), ["k"]);
+        assert_eq!(paths(&p.symlinks), ["cur", "d/x"]);
+        assert_eq!(p.symlinks[1].replaces, Some(NodeKind::File));
+        let dels: Vec<_> = p.deletions.iter().map(|d| lossy(&d.path)).collect();
+        assert_eq!(dels, ["old", "d/sub"], "symlinks are removed first");
+        assert_eq!(paths(&p.dir_meta), ["d", "n"]);
+        assert_eq!(p.chunks.len(), 1, "two files of one content share a chunk");
+        assert_eq!(p.missing, p.chunks);
+        assert!(SyncPlan::build(&a, &b, |_| true)
+            .unwrap()
+            .missing
+            .is_empty());
+        let text = p.to_string();
+        assert!(text.contains("symlink  cur -> n"), "{text}");
+        assert!(text.contains("2 files (6 B)"), "{text}");
+        assert_ne!(
+            p.digest(),
+            SyncPlan::build(&b, &a, |_| false).unwrap().digest()
+        );
+        assert!(SyncPlan::build(&b, &b, |_| false).unwrap().is_empty());
+        assert_eq!(SyncPlan::full(&b, |_| false).unwrap().mkdirs.len(), 2);
+    }
+
+    #[test]
+    fn a_symlink_flips_after_the_symlinks_inside_its_target() {
+        let mut a = Manifest::empty();
+        a.set_entry(b"r", Some(dir(b"r"))).unwrap();
+        let mut b = a.clone();
+        b.set_entry(b"a-cur", Some(link(b"a-cur", b"r"))).unwrap();
+        b.set_entry(b"b-via", Some(link(b"b-via", b"a-cur/x")))
+            .unwrap();
+        b.set_entry(b"r/in", Some(link(b"in", b"../zz"))).unwrap();
+        b.set_entry(b"zz", Some(link(b"zz", b"/abs"))).unwrap();
+        let p = SyncPlan::build(&a, &b, |_| false).unwrap();
+        let order: Vec<_> = p.symlinks.iter().map(|o| lossy(&o.path)).collect();
+        assert_eq!(order, ["zz", "r/in", "a-cur", "b-via"]);
+        assert_eq!(
+            resolve_target(b"a/b/l", b"../c/./d"),
+            Some(b"a/c/d".to_vec())
+        );
+        assert_eq!(resolve_target(b"l", b"../x"), None);
+        assert_eq!(resolve_target(b"l", b"/x"), None);
+    }
+
+    #[test]
+    fn refuses_a_hard_link_to_nothing() {
+        let mut m = Manifest::empty();
+        let bad = e(
+            b"h",
+            Kind::HardLink {
+                path: b"nothere".to_vec(),
+                size: 1,
+                hash: FileHash::of(b"x"),
+            },
+        );
+        m.set_entry(b"h", Some(bad)).unwrap();
+        assert!(matches!(
+            SyncPlan::full(&m, |_| false),
+            Err(PlanError::BadHardLink { .. })
+        ));
+    }
+}

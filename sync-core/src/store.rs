@@ -1,0 +1,436 @@
+//! Where the receiver finds chunk bytes: the durable staging area of chunks
+//! that arrived for the next commit ([`Staging`]: one pack file plus an
+//! index in the state directory) and the files of the committed tree
+//! ([`TreeChunks`]: a chunk-location index derived from the committed
+//! manifest). A chunk in either is never asked for again. Every read is
+//! checked against the chunk id; a mismatch reads as "missing". Blocking IO.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::chunk::{chunk_spans, CDC_MAX};
+use crate::crashpoint;
+use crate::hash::ChunkId;
+use crate::manifest::{Kind, Manifest, ManifestError};
+use crate::safefs::Root;
+
+/// Why staging failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("chunk {id} does not match its hash")]
+    HashMismatch { id: ChunkId },
+    #[error("chunk {id} of {len} bytes exceeds the {CDC_MAX}-byte limit")]
+    TooLarge { id: ChunkId, len: usize },
+    #[error("cannot {op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Anything chunks can be read from.
+pub trait ChunkSource: Sync {
+    /// Whether `id` is (probably) here; [`ChunkSource::read`] has the
+    /// final word because the bytes are checked when read.
+    fn have(&self, id: &ChunkId) -> bool;
+    /// The verified bytes of `id`, or `None` if absent or damaged.
+    fn read(&self, id: &ChunkId) -> Option<Vec<u8>>;
+}
+
+const INDEX_RECORD: usize = 48;
+/// Unsynced bytes buffered in memory before they are written to the pack.
+const WRITE_BUFFER: usize = 1 << 20;
+
+#[derive(Clone, Copy, Debug)]
+struct Slot {
+    off: u64,
+    len: u32,
+}
+
+fn record(id: &ChunkId, slot: Slot) -> [u8; INDEX_RECORD] {
+    let mut r = [0u8; INDEX_RECORD];
+    r[..32].copy_from_slice(id.as_bytes());
+    r[32..40].copy_from_slice(&slot.off.to_le_bytes());
+    r[40..44].copy_from_slice(&slot.len.to_le_bytes());
+    let check = blake3::hash(&r[..44]);
+    r[44..].copy_from_slice(&check.as_bytes()[..4]);
+    r
+}
+
+fn parse_record(r: &[u8]) -> Option<(ChunkId, Slot)> {
+    let check = blake3::hash(&r[..44]);
+    if r[44..48] != check.as_bytes()[..4] {
+        return None;
+    }
+    let id = ChunkId(r[..32].try_into().ok()?);
+    let off = u64::from_le_bytes(r[32..40].try_into().ok()?);
+    let len = u32::from_le_bytes(r[40..44].try_into().ok()?);
+    Some((id, Slot { off, len }))
+}
+
+/// The durable staging area: chunks appended to `pack`, located by
+/// fixed-size checksummed records in `index`. An index record is written
+/// only after the pack bytes it points at are fsynced, so after a crash the
+/// index never points at lost data; a torn tail is cut off on open.
+#[derive(Debug)]
+pub struct Staging {
+    dir: PathBuf,
+    pack: File,
+    index: File,
+    slots: HashMap<ChunkId, Slot>,
+    /// Bytes of the pack already written to the file.
+    written: u64,
+    /// Bytes appended after `written`, not yet written.
+    buf: Vec<u8>,
+    /// Index records of chunks not yet fsynced.
+    pending: Vec<(ChunkId, Slot)>,
+    /// Index bytes on disk (whole records).
+    index_len: u64,
+}
+
+impl Staging {
+    /// Open (creating) the staging area in `dir`, dropping a torn tail.
+    pub fn open(dir: &Path) -> Result<Staging, StoreError> {
+        let io = |op, p: &Path| {
+            let p = p.to_path_buf();
+            move |source| StoreError::Io {
+                op,
+                path: p,
+                source,
+            }
+        };
+        std::fs::create_dir_all(dir).map_err(io("create", dir))?;
+        let (pp, ip) = (dir.join("pack"), dir.join("index"));
+        let opts = || {
+            let mut o = OpenOptions::new();
+            o.read(true).write(true).create(true).truncate(false);
+            o
+        };
+        let pack = opts().open(&pp).map_err(io("open", &pp))?;
+        let mut index = opts().open(&ip).map_err(io("open", &ip))?;
+        let pack_len = pack.metadata().map_err(io("stat", &pp))?.len();
+        let mut raw = Vec::new();
+        index.read_to_end(&mut raw).map_err(io("read", &ip))?;
+        let mut slots = HashMap::new();
+        let mut good = 0usize;
+        let mut end = 0u64;
+        for r in raw.chunks_exact(INDEX_RECORD) {
+            let Some((id, slot)) = parse_record(r) else {
+                break;
+            };
+            let slot_end = slot.off.saturating_add(slot.len as u64);
+            if slot_end > pack_len || slot.len as usize > CDC_MAX {
+                break;
+            }
+            slots.insert(id, slot);
+            end = end.max(slot_end);
+            good += INDEX_RECORD;
+        }
+        if good != raw.len() {
+            tracing::warn!(dropped = raw.len() - good, "staging index had a torn tail");
+            index.set_len(good as u64).map_err(io("truncate", &ip))?;
+            index.sync_all().map_err(io("fsync", &ip))?;
+        }
+        if end != pack_len {
+            pack.set_len(end).map_err(io("truncate", &pp))?;
+        }
+        Ok(Staging {
+            dir: dir.to_path_buf(),
+            pack,
+            index,
+            slots,
+            written: end,
+            buf: Vec::new(),
+            pending: Vec::new(),
+            index_len: good as u64,
+        })
+    }
+
+    fn pack_err(&self, op: &'static str) -> impl FnOnce(io::Error) -> StoreError {
+        let path = self.dir.join("pack");
+        move |source| StoreError::Io { op, path, source }
+    }
+
+    fn index_err(&self, op: &'static str) -> impl FnOnce(io::Error) -> StoreError {
+        let path = self.dir.join("index");
+        move |source| StoreError::Io { op, path, source }
+    }
+
+    /// Verify and append one chunk; a chunk already staged is a no-op.
+    pub fn put(&mut self, id: ChunkId, data: &[u8]) -> Result<(), StoreError> {
+        if data.len() > CDC_MAX {
+            return Err(StoreError::TooLarge {
+                id,
+                len: data.len(),
+            });
+        }
+        if ChunkId::of(data) != id {
+            return Err(StoreError::HashMismatch { id });
+        }
+        if self.slots.contains_key(&id) {
+            return Ok(());
+        }
+        let slot = Slot {
+            off: self.written + self.buf.len() as u64,
+            len: data.len() as u32,
+        };
+        self.buf.extend_from_slice(data);
+        self.slots.insert(id, slot);
+        self.pending.push((id, slot));
+        if self.buf.len() >= WRITE_BUFFER {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), StoreError> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        crashpoint::check_write().map_err(self.pack_err("write"))?;
+        self.pack
+            .write_all_at(&self.buf, self.written)
+            .map_err(self.pack_err("write"))?;
+        self.written += self.buf.len() as u64;
+        self.buf.clear();
+        Ok(())
+    }
+
+    /// Make every staged chunk durable: fsync the pack, then append and
+    /// fsync the index records that point at it.
+    pub fn sync(&mut self) -> Result<(), StoreError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        self.flush()?;
+        self.pack.sync_data().map_err(self.pack_err("fsync"))?;
+        crashpoint::hit("staging-pack-synced");
+        let mut out = Vec::with_capacity(self.pending.len() * INDEX_RECORD);
+        for (id, slot) in &self.pending {
+            out.extend_from_slice(&record(id, *slot));
+        }
+        crashpoint::check_write().map_err(self.index_err("write"))?;
+        self.index
+            .write_all_at(&out, self.index_len)
+            .map_err(self.index_err("write"))?;
+        self.index.sync_data().map_err(self.index_err("fsync"))?;
+        self.index_len += out.len() as u64;
+        self.pending.clear();
+        crashpoint::hit("staging-index-synced");
+        Ok(())
+    }
+
+    pub fn contains(&self, id: &ChunkId) -> bool {
+        self.slots.contains_key(id)
+    }
+
+    /// Number of staged chunks.
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// Bytes of unsynced chunks.
+    pub fn unsynced_bytes(&self) -> u64 {
+        self.pending.iter().map(|(_, s)| s.len as u64).sum()
+    }
+
+    /// The verified bytes of a staged chunk.
+    pub fn get(&self, id: &ChunkId) -> Option<Vec<u8>> {
+        let slot = *self.slots.get(id)?;
+        let mut data = vec![0u8; slot.len as usize];
+        if slot.off >= self.written {
+            let start = (slot.off - self.written) as usize;
+            data.copy_from_slice(self.buf.get(start..start + slot.len as usize)?);
+        } else {
+            self.pack.read_exact_at(&mut data, slot.off).ok()?;
+        }
+        (ChunkId::of(&data) == *id).then_some(data)
+    }
+
+    /// Drop every staged chunk (after a successful commit).
+    pub fn clear(&mut self) -> Result<(), StoreError> {
+        self.index.set_len(0).map_err(self.index_err("truncate"))?;
+        self.index.sync_data().map_err(self.index_err("fsync"))?;
+        self.pack.set_len(0).map_err(self.pack_err("truncate"))?;
+        self.slots.clear();
+        self.pending.clear();
+        self.buf.clear();
+        self.written = 0;
+        self.index_len = 0;
+        Ok(())
+    }
+}
+
+impl ChunkSource for Staging {
+    fn have(&self, id: &ChunkId) -> bool {
+        self.contains(id)
+    }
+    fn read(&self, id: &ChunkId) -> Option<Vec<u8>> {
+        self.get(id)
+    }
+}
+
+/// Where each chunk of a manifest lives in the tree that the manifest
+/// describes: (path, offset, length), first file in canonical order wins.
+pub struct TreeChunks {
+    root: Arc<Root>,
+    paths: Vec<Vec<u8>>,
+    at: HashMap<ChunkId, (u32, u64, u32)>,
+}
+
+impl TreeChunks {
+    /// Index every chunk of the regular files of `manifest`, in `root`.
+    pub fn build(root: Arc<Root>, manifest: &Manifest) -> Result<TreeChunks, ManifestError> {
+        Self::build_filtered(root, manifest, |_| true)
+    }
+
+    /// Like [`TreeChunks::build`], keeping only chunks `want` accepts.
+    pub fn build_filtered(
+        root: Arc<Root>,
+        manifest: &Manifest,
+        mut want: impl FnMut(&ChunkId) -> bool,
+    ) -> Result<TreeChunks, ManifestError> {
+        let mut paths = Vec::new();
+        let mut at = HashMap::new();
+        manifest.walk(|path, e| {
+            if let Kind::File { size, hash, chunks } = &e.kind {
+                let idx = paths.len() as u32;
+                let mut used = false;
+                for (id, off, len) in chunk_spans(*size, *hash, chunks) {
+                    if !at.contains_key(&id) && want(&id) {
+                        at.insert(id, (idx, off, len));
+                        used = true;
+                    }
+                }
+                if used {
+                    paths.push(path.to_vec());
+                }
+            }
+            true
+        })?;
+        Ok(TreeChunks { root, paths, at })
+    }
+
+    pub fn len(&self) -> usize {
+        self.at.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.at.is_empty()
+    }
+
+    pub fn contains(&self, id: &ChunkId) -> bool {
+        self.at.contains_key(id)
+    }
+
+    /// Path, offset and length of a chunk.
+    pub fn locate(&self, id: &ChunkId) -> Option<(&[u8], u64, u32)> {
+        let &(p, off, len) = self.at.get(id)?;
+        Some((&self.paths[p as usize], off, len))
+    }
+}
+
+impl ChunkSource for TreeChunks {
+    fn have(&self, id: &ChunkId) -> bool {
+        self.at.contains_key(id)
+    }
+    fn read(&self, id: &ChunkId) -> Option<Vec<u8>> {
+        let (path, off, len) = self.locate(id)?;
+        let file = self.root.open_file(path).ok()?;
+        let mut data = vec![0u8; len as usize];
+        file.read_exact_at(&mut data, off).ok()?;
+        if ChunkId::of(&data) == *id {
+            Some(data)
+        } else {
+            tracing::debug!(chunk = %id.short(), path = %crate::manifest::lossy(path),
+                "tree file changed behind our back; chunk treated as missing");
+            None
+        }
+    }
+}
+
+/// Several sources, asked in order.
+pub struct Sources<'a>(pub Vec<&'a dyn ChunkSource>);
+
+impl ChunkSource for Sources<'_> {
+    fn have(&self, id: &ChunkId) -> bool {
+        self.0.iter().any(|s| s.have(id))
+    }
+    fn read(&self, id: &ChunkId) -> Option<Vec<u8>> {
+        self.0
+            .iter()
+            .find_map(|s| if s.have(id) { s.read(id) } else { None })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn staging_survives_reopen_and_drops_a_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = b"alpha".to_vec();
+        let b = vec![7u8; 100_000];
+        {
+            let mut s = Staging::open(dir.path()).unwrap();
+            s.put(ChunkId::of(&a), &a).unwrap();
+            s.put(ChunkId::of(&b), &b).unwrap();
+            assert_eq!(s.get(&ChunkId::of(&a)).unwrap(), a, "readable before sync");
+            assert!(matches!(
+                s.put(ChunkId::of(b"x"), b"y"),
+                Err(StoreError::HashMismatch { .. })
+            ));
+            let big = vec![1u8; CDC_MAX + 1];
+            assert!(matches!(
+                s.put(ChunkId::of(&big), &big),
+                Err(StoreError::TooLarge { .. })
+            ));
+            s.sync().unwrap();
+            // Unsynced: must not survive as an index entry.
+            s.put(ChunkId::of(b"lost"), b"lost").unwrap();
+            s.flush().unwrap();
+        }
+        // A torn index tail.
+        let mut idx = OpenOptions::new()
+            .append(true)
+            .open(dir.path().join("index"))
+            .unwrap();
+        idx.write_all(&[9u8; 20]).unwrap();
+        drop(idx);
+        let mut s = Staging::open(dir.path()).unwrap();
+        assert_eq!(s.len(), 2);
+        assert_eq!(s.get(&ChunkId::of(&b)).unwrap(), b);
+        assert!(!s.contains(&ChunkId::of(b"lost")));
+        assert_eq!(
+            std::fs::metadata(dir.path().join("index")).unwrap().len(),
+            2 * INDEX_RECORD as u64
+        );
+        s.put(ChunkId::of(b"more"), b"more").unwrap();
+        s.sync().unwrap();
+        assert_eq!(Staging::open(dir.path()).unwrap().len(), 3);
+        s.clear().unwrap();
+        assert!(Staging::open(dir.path()).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_damaged_pack_reads_as_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Staging::open(dir.path()).unwrap();
+        s.put(ChunkId::of(b"hello"), b"hello").unwrap();
+        s.sync().unwrap();
+        std::fs::write(dir.path().join("pack"), b"jello").unwrap();
+        assert!(s.get(&ChunkId::of(b"hello")).is_none());
+    }
+}

@@ -1,0 +1,329 @@
+//! Crash safety: a push of a DLRN-like snapshot is SIGKILLed at every crash
+//! point in turn (the test binary re-runs itself as the child, with
+//! `SYNC_CRASH_AT=N`). At each kill point, every symlink in DEST must lead
+//! to a complete old or new subtree, a kill before the journal must leave
+//! DEST untouched, and a re-run must finish with DEST equal to SRC.
+//! Also: injected ENOSPC at several writes fails cleanly, and a real small
+//! tmpfs (when this runs as root and may mount) does too.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+use sync_core::commit::{push_local, push_local_staged, CommitOptions, Receiver};
+use sync_core::verify::VerifyOptions;
+
+const T: i64 = 1_650_000_000_000_000_000;
+
+/// The child: push `SYNC_CHILD_SRC` into `SYNC_CHILD_DEST` through staging.
+/// Run only by the tests below (it is ignored in a normal run).
+#[test]
+#[ignore = "child process of the crash tests"]
+fn crash_child() {
+    let (Some(src), Some(dest)) = (
+        std::env::var_os("SYNC_CHILD_SRC"),
+        std::env::var_os("SYNC_CHILD_DEST"),
+    ) else {
+        return;
+    };
+    let (src, dest) = (PathBuf::from(src), PathBuf::from(dest));
+    let m = scan_tree(&src);
+    let r = Receiver::open(&dest, None)
+        .and_then(|mut recv| push_local_staged(&m, &src, &mut recv, &CommitOptions::default()));
+    if let Err(e) = r {
+        eprintln!("CHILD-ERROR: {e}");
+        std::process::exit(3);
+    }
+}
+
+struct Child {
+    code: Option<i32>,
+    stderr: String,
+}
+
+fn run_child(src: &Path, dest: &Path, env: &[(&str, String)]) -> Child {
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args([
+        "--exact",
+        "crash_child",
+        "--ignored",
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .env("SYNC_CHILD_SRC", src)
+    .env("SYNC_CHILD_DEST", dest)
+    .env_remove("SYNC_CRASH_AT")
+    .env_remove("SYNC_CRASH_LIST")
+    .env_remove("SYNC_FAIL_ENOSPC_AT");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    Child {
+        code: out.status.code(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Old snapshot: two repositories, `current` and `old` pointing at them.
+fn build_v1(src: &Path) {
+    for (repo, seed) in [("repos/aa/r1", 10), ("repos/bb/r2", 20)] {
+        write(src, &format!("{repo}/a.rpm"), &noise(3000, seed));
+        write(src, &format!("{repo}/b.rpm"), &noise(5000, seed + 1));
+        write(src, &format!("{repo}/repodata/repomd.xml"), repo.as_bytes());
+        write(
+            src,
+            &format!("{repo}/repodata/primary.xml"),
+            &noise(700, seed + 2),
+        );
+        ln_s("a.rpm", src, &format!("{repo}/link.rpm"));
+    }
+    write(src, "README", b"v1\n");
+    write(src, "big.bin", &noise(700_000, 5));
+    write(src, "dir-to-link/inside", b"inside");
+    ln_s("README", src, "link-to-dir");
+    ln_s("repos/aa/r1", src, "current");
+    ln_s("repos/aa/r1", src, "consistent");
+    ln_s("repos/bb/r2", src, "old");
+    ln_s("../../README", src, "repos/aa/readme");
+    fix_mtimes(src, T);
+}
+
+/// New snapshot: a third repository that `current` flips to, `old` and its
+/// repository gone, kind changes, a grown big file, hard links.
+fn build_v2(src: &Path) {
+    build_v1(src);
+    std::fs::remove_dir_all(src.join("repos/bb")).unwrap();
+    std::fs::remove_file(src.join("old")).unwrap();
+    let repo = "repos/cc/r3";
+    write(src, &format!("{repo}/a.rpm"), &noise(3000, 10)); // same as r1
+    for i in 0..12 {
+        write(
+            src,
+            &format!("{repo}/pkg{i:02}.rpm"),
+            &noise(2000 + i * 10, 30 + i as u64),
+        );
+    }
+    write(src, &format!("{repo}/repodata/repomd.xml"), repo.as_bytes());
+    std::fs::hard_link(
+        src.join(format!("{repo}/pkg00.rpm")),
+        src.join(format!("{repo}/pkg00-hard.rpm")),
+    )
+    .unwrap();
+    ln_s("a.rpm", src, &format!("{repo}/link.rpm"));
+    std::fs::remove_file(src.join("current")).unwrap();
+    ln_s(repo, src, "current");
+    write(src, "README", b"v2\n");
+    let mut big = noise(700_000, 5);
+    big.extend_from_slice(&noise(100_000, 6));
+    write(src, "big.bin", &big);
+    std::fs::remove_dir_all(src.join("dir-to-link")).unwrap();
+    ln_s("repos/cc/r3", src, "dir-to-link");
+    std::fs::remove_file(src.join("link-to-dir")).unwrap();
+    write(src, "link-to-dir/now", b"a dir");
+    // What did not change keeps its mtime, as on a real build server.
+    let fs = read_fs(src);
+    for (k, n) in fs.iter().rev() {
+        let mt = match n {
+            Node::File { mtime_ns, .. }
+            | Node::Dir { mtime_ns, .. }
+            | Node::Symlink { mtime_ns, .. } => *mtime_ns,
+        };
+        if mt != T {
+            set_mtime(&p(src, k), T + 1_000_000_000);
+        }
+    }
+}
+
+/// The subtree at `at` (content only), `None` if absent.
+fn subtree(fs: &Fs, at: &[u8]) -> Option<Vec<(Vec<u8>, Node)>> {
+    let top = fs.get(at)?;
+    let mut out = vec![(Vec::new(), top.content_only())];
+    let mut prefix = at.to_vec();
+    prefix.push(b'/');
+    for (k, n) in fs.range(prefix.clone()..) {
+        if !k.starts_with(&prefix) {
+            break;
+        }
+        out.push((k[prefix.len()..].to_vec(), n.content_only()));
+    }
+    Some(out)
+}
+
+/// Every symlink in `now` must be one of old or new (same path, same
+/// target) and lead to exactly what it led to in that snapshot.
+fn check_symlinks(now: &Fs, old: &Fs, new: &Fs, point: u64) {
+    for (path, node) in now {
+        let Node::Symlink { target, .. } = node else {
+            continue;
+        };
+        let name = String::from_utf8_lossy(path);
+        let owners: Vec<&Fs> = [old, new]
+            .into_iter()
+            .filter(
+                |fs| matches!(fs.get(path), Some(Node::Symlink { target: t, .. }) if t == target),
+            )
+            .collect();
+        assert!(
+            !owners.is_empty(),
+            "point {point}: symlink {name} is in neither snapshot"
+        );
+        let Some(to) = sync_core::plan::resolve_target(path, target) else {
+            continue;
+        };
+        let here = subtree(now, &to);
+        assert!(
+            owners.iter().any(|fs| subtree(fs, &to) == here),
+            "point {point}: symlink {name} -> {} leads to an incomplete tree",
+            String::from_utf8_lossy(target)
+        );
+    }
+}
+
+fn reset_to(dest: &Path, src: &Path) {
+    let mut recv = Receiver::open(dest, None).unwrap();
+    push_local(&scan_tree(src), src, &mut recv, &CommitOptions::default()).unwrap();
+}
+
+#[test]
+fn sigkill_at_every_crash_point_rolls_forward_or_leaves_the_old_tree() {
+    let t = tempfile::tempdir().unwrap();
+    let (v1, v2, dest) = (
+        t.path().join("v1"),
+        t.path().join("v2"),
+        t.path().join("dest"),
+    );
+    build_v1(&v1);
+    build_v2(&v2);
+    let (fs1, fs2) = (read_fs(&v1), read_fs(&v2));
+    let state = t.path().join(".dest.sync-state");
+
+    // Count the crash points of one push.
+    reset_to(&dest, &v1);
+    let listed = run_child(&v2, &dest, &[("SYNC_CRASH_LIST", "1".into())]);
+    assert_eq!(listed.code, Some(0), "{}", listed.stderr);
+    let total = listed
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("crashpoint "))
+        .count() as u64;
+    assert!(total >= 50, "only {total} crash points:\n{}", listed.stderr);
+    eprintln!("{total} crash points in one push");
+    assert_same_fs(&read_fs(&dest), &fs2);
+
+    let mut untouched = 0;
+    let mut rolled = 0;
+    for n in 1..=total {
+        reset_to(&dest, &v1);
+        assert_same_fs(&read_fs(&dest), &fs1);
+        let c = run_child(&v2, &dest, &[("SYNC_CRASH_AT", n.to_string())]);
+        assert_eq!(
+            c.code, None,
+            "point {n}: the child was not killed: {}",
+            c.stderr
+        );
+        let now = read_fs(&dest);
+        check_symlinks(&now, &fs1, &fs2, n);
+        if !state.join("journal").exists() {
+            let committed = std::fs::read(state.join("manifest")).unwrap();
+            let m = sync_core::Manifest::decode(&committed).unwrap();
+            if m.snapshot() == scan_tree(&v1).snapshot() {
+                // Killed before the journal: the tree was not touched at all.
+                assert_same_fs(&now, &fs1);
+                untouched += 1;
+            }
+        } else {
+            rolled += 1;
+        }
+        // Whatever happened, a plain re-run finishes the job.
+        let c = run_child(&v2, &dest, &[]);
+        assert_eq!(c.code, Some(0), "point {n}: re-run failed: {}", c.stderr);
+        assert_same_fs(&read_fs(&dest), &fs2);
+        let recv = Receiver::open(&dest, None).unwrap();
+        assert!(recv.verify(&VerifyOptions::default()).unwrap().is_clean());
+    }
+    assert!(
+        untouched > 10 && rolled > 10,
+        "untouched {untouched}, rolled {rolled}"
+    );
+}
+
+#[test]
+fn injected_enospc_fails_cleanly_and_keeps_the_old_snapshot() {
+    let t = tempfile::tempdir().unwrap();
+    let (v1, v2, dest) = (
+        t.path().join("v1"),
+        t.path().join("v2"),
+        t.path().join("dest"),
+    );
+    build_v1(&v1);
+    build_v2(&v2);
+    let fs1 = read_fs(&v1);
+    let root1 = scan_tree(&v1).root();
+    reset_to(&dest, &v1);
+    for n in [1, 2, 5, 12, 20] {
+        let c = run_child(&v2, &dest, &[("SYNC_FAIL_ENOSPC_AT", n.to_string())]);
+        assert_eq!(c.code, Some(3), "write {n}: {}", c.stderr);
+        assert!(c.stderr.contains("No space left on device"), "{}", c.stderr);
+        assert_same_fs(&read_fs(&dest), &fs1);
+        assert_eq!(scan_tree(&dest).root(), root1);
+        let recv = Receiver::open(&dest, None).unwrap();
+        assert_eq!(recv.committed().root(), root1);
+        assert!(recv.verify(&VerifyOptions::default()).unwrap().is_clean());
+    }
+    let c = run_child(&v2, &dest, &[]);
+    assert_eq!(c.code, Some(0), "{}", c.stderr);
+    assert_same_fs(&read_fs(&dest), &read_fs(&v2));
+}
+
+#[test]
+fn a_real_full_tmpfs_fails_cleanly() {
+    let t = tempfile::tempdir().unwrap();
+    let mnt = t.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let mounted = rustix::process::geteuid().is_root()
+        && Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+            .arg(&mnt)
+            .status()
+            .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("note: not root or cannot mount tmpfs; real disk-full variant skipped");
+        return;
+    }
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(self.0).status();
+        }
+    }
+    let _u = Unmount(&mnt);
+    let (v1, v2, dest) = (t.path().join("v1"), t.path().join("v2"), mnt.join("dest"));
+    write(&v1, "small", b"fits");
+    write(&v1, "link-target/x", b"x");
+    ln_s("link-target", &v1, "current");
+    std::fs::create_dir(&v2).unwrap();
+    copy_tree(&v1.join("small"), &v2.join("small"));
+    // Fits the preflight estimate but not staging plus temporaries.
+    for i in 0..3 {
+        write(&v2, &format!("new/f{i}"), &noise(300_000, 40 + i));
+    }
+    ln_s("new", &v2, "current");
+    let fs1 = read_fs(&v1);
+    let mut recv = Receiver::open(&dest, None).unwrap();
+    push_local(&scan_tree(&v1), &v1, &mut recv, &CommitOptions::default()).unwrap();
+    let m2 = scan_tree(&v2);
+    let err = push_local_staged(&m2, &v2, &mut recv, &CommitOptions::default()).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("No space left") || msg.contains("not enough space"),
+        "{msg}"
+    );
+    drop(recv);
+    assert_same_fs(&read_fs(&dest), &fs1);
+    let recv = Receiver::open(&dest, None).unwrap();
+    assert_eq!(recv.committed().root(), scan_tree(&v1).root());
+    assert!(recv.verify(&VerifyOptions::default()).unwrap().is_clean());
+}
