@@ -16,12 +16,12 @@ pub const KEY_FILE: &str = "key.pem";
 
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Read {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot write {path}: {source}")]
+    #[error("cannot write {path}")]
     Write {
         path: PathBuf,
         source: std::io::Error,
@@ -96,18 +96,16 @@ impl Identity {
                 source,
             })
         };
-        let cert = CertificateDer::from_pem_slice(&read(&cert_path)?).map_err(|_| {
-            IdentityError::Pem {
+        let cert =
+            CertificateDer::from_pem_slice(&read(&cert_path)?).map_err(|_| IdentityError::Pem {
                 path: cert_path.clone(),
                 what: "certificate",
-            }
-        })?;
-        let key = PrivateKeyDer::from_pem_slice(&read(&key_path)?).map_err(|_| {
-            IdentityError::Pem {
+            })?;
+        let key =
+            PrivateKeyDer::from_pem_slice(&read(&key_path)?).map_err(|_| IdentityError::Pem {
                 path: key_path.clone(),
                 what: "private key",
-            }
-        })?;
+            })?;
         Ok(Identity { cert, key })
     }
 
@@ -165,7 +163,10 @@ mod tests {
         let fp = a.fingerprint().to_string();
         assert_eq!(fp.parse::<Fingerprint>().unwrap(), a.fingerprint());
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(d.path().join(KEY_FILE)).unwrap().permissions().mode();
+        let mode = std::fs::metadata(d.path().join(KEY_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
     }
 }

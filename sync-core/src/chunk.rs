@@ -2,6 +2,12 @@
 //! chunk named by its whole-file hash; a larger file is cut with FastCDC
 //! (16/64/256 KiB) so that appended or shifted data resends only what
 //! changed. No IO: callers hand in the bytes (usually an mmap).
+//!
+//! Why 4 MiB: a chunked file is hashed twice (whole file for `b3sum`
+//! compatibility, then each chunk), and BLAKE3 is the bulk of a cold scan.
+//! On a DLRN-like tree 69% of the bytes sit in files over 256 KiB but only
+//! 8% in files over 4 MiB, while the packages between those sizes are
+//! compressed archives that content-defined chunking rarely dedups.
 
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -9,12 +15,14 @@ use serde::{Deserialize, Serialize};
 use crate::hash::{ChunkId, FileHash};
 
 /// Files up to this size travel as one chunk.
-pub const SINGLE_CHUNK_MAX: u64 = 256 * 1024;
+pub const SINGLE_CHUNK_MAX: u64 = 4 << 20;
+/// The largest chunk anyone may send or stage.
+pub const MAX_CHUNK: usize = SINGLE_CHUNK_MAX as usize;
 /// FastCDC minimum chunk size.
 pub const CDC_MIN: usize = 16 * 1024;
 /// FastCDC average chunk size.
 pub const CDC_AVG: usize = 64 * 1024;
-/// FastCDC maximum chunk size; also the largest chunk anyone may send.
+/// FastCDC maximum chunk size.
 pub const CDC_MAX: usize = 256 * 1024;
 /// Below this, parallel hashing costs more than it saves.
 const PARALLEL_MIN: usize = 1 << 20;
@@ -103,13 +111,11 @@ mod tests {
     use proptest::prelude::*;
 
     fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-        let mut out = Vec::with_capacity(len + 32);
-        let mut ctr = seed;
-        while out.len() < len {
-            out.extend_from_slice(blake3::hash(&ctr.to_le_bytes()).as_bytes());
-            ctr += 1;
-        }
-        out.truncate(len);
+        let mut out = vec![0; len];
+        blake3::Hasher::new()
+            .update(&seed.to_le_bytes())
+            .finalize_xof()
+            .fill(&mut out);
         out
     }
 
@@ -135,7 +141,7 @@ mod tests {
 
     #[test]
     fn large_file_whole_hash_matches_b3sum_and_chunks_are_bounded() {
-        let data = pseudo_random(3 << 20, 2);
+        let data = pseudo_random(9 << 20, 2);
         let c = chunk_content(&data);
         assert_eq!(c.hash, FileHash::of(&data));
         assert!(c.chunks.len() > 4);
@@ -145,10 +151,10 @@ mod tests {
 
     #[test]
     fn an_insertion_changes_few_chunks() {
-        let data = pseudo_random(4 << 20, 3);
-        let mut edited = data[..1 << 20].to_vec();
+        let data = pseudo_random(8 << 20, 3);
+        let mut edited = data[..5 << 20].to_vec();
         edited.extend_from_slice(b"inserted bytes");
-        edited.extend_from_slice(&data[1 << 20..]);
+        edited.extend_from_slice(&data[5 << 20..]);
         let a = chunk_content(&data);
         let b = chunk_content(&edited);
         let old: std::collections::HashSet<_> = a.chunks.iter().map(|c| c.id).collect();
@@ -159,7 +165,7 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(32))]
         #[test]
-        fn chunks_reassemble(len in 0usize..1_500_000, seed in any::<u64>()) {
+        fn chunks_reassemble(len in prop_oneof![0usize..1_000_000, 4_000_000usize..7_000_000], seed in any::<u64>()) {
             let data = pseudo_random(len, seed);
             let c = chunk_content(&data);
             prop_assert_eq!(c.size, len as u64);

@@ -319,6 +319,9 @@ pub struct Stats {
 }
 
 /// A snapshot: a root tree and the encoded tree objects it reaches.
+///
+/// Tree objects are held zstd-compressed: symlink farms are repetitive, and
+/// a manifest of a million entries must fit in well under 200 bytes each.
 #[derive(Clone, Debug)]
 pub struct Manifest {
     root: TreeId,
@@ -365,18 +368,25 @@ impl Manifest {
         self.trees.len()
     }
 
+    /// Bytes of all tree objects held (compressed, as kept in memory).
+    pub fn held_bytes(&self) -> usize {
+        self.trees.values().map(|t| t.len()).sum()
+    }
+
     pub fn contains_tree(&self, id: &TreeId) -> bool {
         self.trees.contains_key(id)
     }
 
     /// The encoded bytes of one tree object.
-    pub fn raw(&self, id: &TreeId) -> Option<&Arc<[u8]>> {
-        self.trees.get(id)
+    pub fn raw(&self, id: &TreeId) -> Option<Vec<u8>> {
+        self.trees.get(id).and_then(|p| unpack(p).ok())
     }
 
     /// Decode a tree object of this manifest.
     pub fn tree(&self, id: &TreeId) -> Result<Tree, ManifestError> {
-        Tree::decode(self.trees.get(id).ok_or(ManifestError::MissingTree(*id))?)
+        Tree::decode(&unpack(
+            self.trees.get(id).ok_or(ManifestError::MissingTree(*id))?,
+        )?)
     }
 
     pub fn root_tree(&self) -> Result<Tree, ManifestError> {
@@ -387,7 +397,7 @@ impl Manifest {
     pub fn insert(&mut self, tree: &Tree) -> TreeId {
         let bytes = tree.encode();
         let id = TreeId::of(&bytes);
-        self.trees.entry(id).or_insert_with(|| bytes.into());
+        self.trees.entry(id).or_insert_with(|| pack(&bytes));
         id
     }
 
@@ -397,7 +407,7 @@ impl Manifest {
             return Err(ManifestError::HashMismatch(expect));
         }
         let tree = Tree::decode(bytes)?;
-        self.trees.entry(expect).or_insert_with(|| bytes.into());
+        self.trees.entry(expect).or_insert_with(|| pack(bytes));
         Ok(tree)
     }
 
@@ -417,9 +427,9 @@ impl Manifest {
             if self.trees.contains_key(&id) {
                 continue;
             }
-            let bytes = other.raw(&id).ok_or(ManifestError::MissingTree(id))?;
-            let tree = Tree::decode(bytes)?;
-            self.trees.insert(id, bytes.clone());
+            let packed = other.trees.get(&id).ok_or(ManifestError::MissingTree(id))?;
+            let tree = Tree::decode(&unpack(packed)?)?;
+            self.trees.insert(id, packed.clone());
             stack.extend(tree.entries.iter().filter_map(Entry::subtree));
         }
         Ok(())
@@ -492,7 +502,7 @@ impl Manifest {
                 continue;
             }
             if let Some(bytes) = self.trees.get(&id) {
-                if let Ok(tree) = Tree::decode(bytes) {
+                if let Ok(tree) = unpack(bytes).and_then(|b| Tree::decode(&b)) {
                     stack.extend(tree.entries.iter().filter_map(Entry::subtree));
                 }
                 keep.insert(id, bytes.clone());
@@ -571,9 +581,9 @@ impl Manifest {
         ids.sort_unstable();
         out.extend_from_slice(&(ids.len() as u64).to_le_bytes());
         for id in ids {
-            let bytes = &self.trees[id];
+            let bytes = unpack(&self.trees[id]).expect("held trees were packed by us");
             out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
-            out.extend_from_slice(bytes);
+            out.extend_from_slice(&bytes);
         }
         out
     }
@@ -601,12 +611,50 @@ impl Manifest {
             }
             let raw = r.take(len)?;
             Tree::decode(raw)?;
-            trees.insert(TreeId::of(raw), Arc::from(raw));
+            trees.insert(TreeId::of(raw), pack(raw));
         }
         if !r.0.is_empty() {
             return Err(ManifestError::Decode("trailing bytes".into()));
         }
         Manifest::from_parts(root, trees)
+    }
+}
+
+/// Smaller trees are held as they are: compression would not pay.
+const PACK_MIN: usize = 128;
+
+/// The in-memory form of an encoded tree: a one-byte tag, then the bytes
+/// as they are (0) or a u32 length and zstd frame (1).
+pub fn pack(encoded: &[u8]) -> Arc<[u8]> {
+    if encoded.len() >= PACK_MIN {
+        if let Ok(z) = zstd::bulk::compress(encoded, 1) {
+            if z.len() + 5 < encoded.len() {
+                let mut out = Vec::with_capacity(z.len() + 5);
+                out.push(1);
+                out.extend_from_slice(&(encoded.len() as u32).to_le_bytes());
+                out.extend_from_slice(&z);
+                return out.into();
+            }
+        }
+    }
+    let mut out = Vec::with_capacity(encoded.len() + 1);
+    out.push(0);
+    out.extend_from_slice(encoded);
+    out.into()
+}
+
+fn unpack(packed: &[u8]) -> Result<Vec<u8>, ManifestError> {
+    let bad = || ManifestError::Decode("damaged in-memory tree".into());
+    match packed.split_first() {
+        Some((0, raw)) => Ok(raw.to_vec()),
+        Some((1, rest)) if rest.len() >= 4 => {
+            let len = u32::from_le_bytes(rest[..4].try_into().unwrap()) as usize;
+            if len > MAX_TREE_BYTES {
+                return Err(bad());
+            }
+            zstd::bulk::decompress(&rest[4..], len).map_err(|_| bad())
+        }
+        _ => Err(bad()),
     }
 }
 

@@ -24,16 +24,18 @@ use rayon::prelude::*;
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 
 use crate::cache::{self, HashCache, StatKey};
-use crate::chunk::{chunk_content, ChunkRef, Content, SINGLE_CHUNK_MAX};
+use crate::chunk::{chunk_content, ChunkRef, Content};
 use crate::hash::{FileHash, TreeId};
 use crate::manifest::{join, lossy, Entry, Kind, Manifest, ManifestError, Tree, MAX_DEPTH};
 
+/// Files up to this size are read, larger ones mapped.
+const READ_MAX: u64 = 256 * 1024;
 /// How often a file that changes while being hashed is re-read.
 const HASH_ATTEMPTS: usize = 3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ScanError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Io {
         path: String,
         #[source]
@@ -197,7 +199,7 @@ fn scan_dir(ctx: &Ctx, dirfd: OwnedFd, rel: &[u8], depth: usize) -> Result<TreeI
         .lock()
         .unwrap()
         .entry(id)
-        .or_insert_with(|| bytes.into());
+        .or_insert_with(|| crate::manifest::pack(&bytes));
     Ok(id)
 }
 
@@ -381,7 +383,8 @@ fn remember(ctx: &Ctx, key: StatKey, content: &Content) {
 /// `size` (it changed under us).
 fn read_content(fd: std::os::fd::BorrowedFd<'_>, size: u64) -> std::io::Result<Option<Content>> {
     let mut file = std::fs::File::from(fd.try_clone_to_owned()?);
-    if size <= SINGLE_CHUNK_MAX {
+    // Small files are read into a reused buffer; larger ones are mapped.
+    if size <= READ_MAX {
         thread_local! {
             static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
@@ -410,10 +413,7 @@ pub fn canonical_cmp(a: &[u8], b: &[u8]) -> std::cmp::Ordering {
 
 /// Turn every name but the first (in canonical order) of a multiply-linked
 /// inode into a [`Kind::HardLink`] to the first.
-fn resolve_hard_links(
-    m: &mut Manifest,
-    links: LinkGroups,
-) -> Result<(), ScanError> {
+fn resolve_hard_links(m: &mut Manifest, links: LinkGroups) -> Result<(), ScanError> {
     for (_, mut paths) in links {
         if paths.len() < 2 {
             continue;
