@@ -13,9 +13,11 @@ pub mod manifest;
 pub mod plan;
 pub mod safefs;
 pub mod scan;
+pub mod session;
 pub mod state;
 pub mod store;
 pub mod verify;
+pub mod wire;
 
 pub use hash::{ChunkId, FileHash, SnapshotId, TreeId};
 pub use manifest::{Entry, Kind, Manifest, Tree};

@@ -1,0 +1,817 @@
+//! The wire codec of the sync protocol: length-prefixed, typed, bounded
+//! frames. Each frame is `u32 LE payload length | u8 frame type | payload`,
+//! the payload being bincode 2 (serde) of the message body. [`encode`] turns
+//! a [`Frame`] into bytes; [`FrameDecoder`] takes bytes as they arrive and
+//! yields whole frames, refusing an oversized length or an unknown type as
+//! soon as the 5-byte header is in, before any payload is buffered. Every
+//! decoded frame is checked against the limits below. No IO.
+
+use std::fmt;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize, Serializer};
+
+use crate::chunk::CDC_MAX;
+use crate::hash::{ChunkId, SnapshotId, TreeId};
+
+/// Version spoken in `Hello` and `Welcome`.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Length prefix (4) and frame type (1).
+pub const HEADER_LEN: usize = 5;
+/// Largest payload a frame may carry.
+pub const MAX_FRAME: usize = 16 << 20;
+/// Chunk data per `Chunks` frame a sender packs (well below [`MAX_FRAME`]).
+pub const MAX_CHUNK_BATCH: usize = 4 << 20;
+/// Tree object bytes per `Trees` frame a sender packs.
+pub const MAX_TREE_BATCH: usize = 4 << 20;
+/// Ids (or objects) in one message.
+pub const MAX_IDS_PER_MESSAGE: usize = 65536;
+/// Longest tree name in `Hello`.
+pub const MAX_TREE_NAME: usize = 255;
+/// Longest client agent string in `Hello`.
+pub const MAX_AGENT: usize = 255;
+/// Longest message in an `Error` frame; longer ones are cut by [`Frame::error`].
+pub const MAX_ERROR_MESSAGE: usize = 4096;
+
+/// Which way the tree flows, from the client's point of view.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Direction {
+    /// The client is the source, the server the sink.
+    Push,
+    /// The client is the sink (restore), the server the source.
+    Pull,
+}
+
+/// Typed reason carried by an `Error` frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    /// A frame out of order, not asked for, or of another version.
+    Protocol,
+    Unauthorized,
+    UnknownTree,
+    TooLarge,
+    /// A tree object or chunk that does not match its id or is invalid.
+    BadData,
+    CommitFailed,
+    Busy,
+    Internal,
+}
+
+impl ErrorCode {
+    pub fn to_u16(self) -> u16 {
+        match self {
+            ErrorCode::Protocol => 1,
+            ErrorCode::Unauthorized => 2,
+            ErrorCode::UnknownTree => 3,
+            ErrorCode::TooLarge => 4,
+            ErrorCode::BadData => 5,
+            ErrorCode::CommitFailed => 6,
+            ErrorCode::Busy => 7,
+            ErrorCode::Internal => 8,
+        }
+    }
+
+    /// A code from a newer peer that we do not know reads as `Internal`.
+    pub fn from_u16(v: u16) -> ErrorCode {
+        match v {
+            1 => ErrorCode::Protocol,
+            2 => ErrorCode::Unauthorized,
+            3 => ErrorCode::UnknownTree,
+            4 => ErrorCode::TooLarge,
+            5 => ErrorCode::BadData,
+            6 => ErrorCode::CommitFailed,
+            7 => ErrorCode::Busy,
+            _ => ErrorCode::Internal,
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = match self {
+            ErrorCode::Protocol => "protocol error",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::UnknownTree => "unknown tree",
+            ErrorCode::TooLarge => "too large",
+            ErrorCode::BadData => "bad data",
+            ErrorCode::CommitFailed => "commit failed",
+            ErrorCode::Busy => "busy",
+            ErrorCode::Internal => "internal error",
+        };
+        f.write_str(s)
+    }
+}
+
+/// The frame type byte.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum FrameType {
+    Hello = 1,
+    Welcome = 2,
+    SinkState = 3,
+    Offer = 4,
+    WantTrees = 5,
+    Trees = 6,
+    WantChunks = 7,
+    Chunks = 8,
+    Done = 9,
+    Committed = 10,
+    Error = 11,
+}
+
+impl FrameType {
+    pub fn from_u8(b: u8) -> Option<FrameType> {
+        Some(match b {
+            1 => FrameType::Hello,
+            2 => FrameType::Welcome,
+            3 => FrameType::SinkState,
+            4 => FrameType::Offer,
+            5 => FrameType::WantTrees,
+            6 => FrameType::Trees,
+            7 => FrameType::WantChunks,
+            8 => FrameType::Chunks,
+            9 => FrameType::Done,
+            10 => FrameType::Committed,
+            11 => FrameType::Error,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            FrameType::Hello => "Hello",
+            FrameType::Welcome => "Welcome",
+            FrameType::SinkState => "SinkState",
+            FrameType::Offer => "Offer",
+            FrameType::WantTrees => "WantTrees",
+            FrameType::Trees => "Trees",
+            FrameType::WantChunks => "WantChunks",
+            FrameType::Chunks => "Chunks",
+            FrameType::Done => "Done",
+            FrameType::Committed => "Committed",
+            FrameType::Error => "Error",
+        }
+    }
+}
+
+/// One protocol message.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Frame {
+    /// Client -> server, first frame on the control stream.
+    Hello {
+        version: u16,
+        tree: String,
+        direction: Direction,
+        client_agent: String,
+    },
+    /// Server -> client. For a push the server is the sink and tells its
+    /// committed root; for a pull it sends `None`.
+    Welcome {
+        version: u16,
+        sink_root: Option<SnapshotId>,
+    },
+    /// Pull client (the sink) -> server: the root it has committed.
+    SinkState { root: Option<SnapshotId> },
+    /// Source -> sink: the snapshot to sync.
+    Offer { root: SnapshotId },
+    /// Sink -> source: tree objects it lacks.
+    WantTrees { ids: Vec<TreeId> },
+    /// Source -> sink: encoded tree objects, each under its id.
+    Trees { trees: Vec<(TreeId, Vec<u8>)> },
+    /// Sink -> source: chunks it lacks. An empty list means "no more wants".
+    WantChunks { ids: Vec<ChunkId> },
+    /// Source -> sink, on a data stream: chunk contents.
+    Chunks { chunks: Vec<(ChunkId, Vec<u8>)> },
+    /// Source -> sink: every wanted chunk has been sent.
+    Done { root: SnapshotId },
+    /// Sink -> source: the root is committed (or was already).
+    Committed { root: SnapshotId },
+    /// Either way: the session is over because of `code`.
+    Error { code: ErrorCode, message: String },
+}
+
+impl Frame {
+    pub fn frame_type(&self) -> FrameType {
+        match self {
+            Frame::Hello { .. } => FrameType::Hello,
+            Frame::Welcome { .. } => FrameType::Welcome,
+            Frame::SinkState { .. } => FrameType::SinkState,
+            Frame::Offer { .. } => FrameType::Offer,
+            Frame::WantTrees { .. } => FrameType::WantTrees,
+            Frame::Trees { .. } => FrameType::Trees,
+            Frame::WantChunks { .. } => FrameType::WantChunks,
+            Frame::Chunks { .. } => FrameType::Chunks,
+            Frame::Done { .. } => FrameType::Done,
+            Frame::Committed { .. } => FrameType::Committed,
+            Frame::Error { .. } => FrameType::Error,
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        self.frame_type().name()
+    }
+
+    /// An `Error` frame, its message cut to [`MAX_ERROR_MESSAGE`] bytes.
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Frame {
+        let mut message = message.into();
+        if message.len() > MAX_ERROR_MESSAGE {
+            let mut cut = MAX_ERROR_MESSAGE;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+        }
+        Frame::Error { code, message }
+    }
+
+    /// Check the limits a decoder enforces (also used before sending).
+    pub fn validate(&self) -> Result<(), WireError> {
+        let kind = self.name();
+        let limit = |what: String| Err(WireError::Limit { kind, what });
+        match self {
+            Frame::Hello {
+                tree, client_agent, ..
+            } => {
+                if tree.is_empty() || tree.len() > MAX_TREE_NAME {
+                    return limit(format!("tree name of {} bytes", tree.len()));
+                }
+                if client_agent.len() > MAX_AGENT {
+                    return limit(format!("client agent of {} bytes", client_agent.len()));
+                }
+            }
+            Frame::WantTrees { ids } if ids.len() > MAX_IDS_PER_MESSAGE => {
+                return limit(format!("{} ids", ids.len()));
+            }
+            Frame::WantChunks { ids } if ids.len() > MAX_IDS_PER_MESSAGE => {
+                return limit(format!("{} ids", ids.len()));
+            }
+            Frame::Trees { trees } if trees.len() > MAX_IDS_PER_MESSAGE => {
+                return limit(format!("{} tree objects", trees.len()));
+            }
+            Frame::Chunks { chunks } => {
+                if chunks.len() > MAX_IDS_PER_MESSAGE {
+                    return limit(format!("{} chunks", chunks.len()));
+                }
+                if let Some((id, data)) = chunks
+                    .iter()
+                    .find(|(_, d)| d.is_empty() || d.len() > CDC_MAX)
+                {
+                    return limit(format!("chunk {id} of {} bytes", data.len()));
+                }
+            }
+            Frame::Error { message, .. } if message.len() > MAX_ERROR_MESSAGE => {
+                return limit(format!("error message of {} bytes", message.len()));
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Frame {
+    /// Summarises byte payloads instead of dumping megabytes into logs.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Frame::Hello {
+                version,
+                tree,
+                direction,
+                client_agent,
+            } => f
+                .debug_struct("Hello")
+                .field("version", version)
+                .field("tree", tree)
+                .field("direction", direction)
+                .field("client_agent", client_agent)
+                .finish(),
+            Frame::Welcome { version, sink_root } => f
+                .debug_struct("Welcome")
+                .field("version", version)
+                .field("sink_root", sink_root)
+                .finish(),
+            Frame::SinkState { root } => f.debug_struct("SinkState").field("root", root).finish(),
+            Frame::Offer { root } => f.debug_struct("Offer").field("root", root).finish(),
+            Frame::WantTrees { ids } => write!(f, "WantTrees({} ids)", ids.len()),
+            Frame::Trees { trees } => write!(
+                f,
+                "Trees({} objects, {} bytes)",
+                trees.len(),
+                trees.iter().map(|t| t.1.len()).sum::<usize>()
+            ),
+            Frame::WantChunks { ids } => write!(f, "WantChunks({} ids)", ids.len()),
+            Frame::Chunks { chunks } => write!(
+                f,
+                "Chunks({} chunks, {} bytes)",
+                chunks.len(),
+                chunks.iter().map(|c| c.1.len()).sum::<usize>()
+            ),
+            Frame::Done { root } => f.debug_struct("Done").field("root", root).finish(),
+            Frame::Committed { root } => f.debug_struct("Committed").field("root", root).finish(),
+            Frame::Error { code, message } => f
+                .debug_struct("Error")
+                .field("code", code)
+                .field("message", message)
+                .finish(),
+        }
+    }
+}
+
+/// Why bytes from a peer were refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("frame payload of {len} bytes exceeds the limit of {max}")]
+    TooLarge { len: usize, max: usize },
+    #[error("unknown frame type {0}")]
+    UnknownType(u8),
+    #[error("{kind} frame does not decode: {reason}")]
+    BadPayload { kind: &'static str, reason: String },
+    #[error("{kind} frame has {extra} trailing bytes")]
+    TrailingBytes { kind: &'static str, extra: usize },
+    #[error("{kind} frame exceeds a limit: {what}")]
+    Limit { kind: &'static str, what: String },
+    #[error("stream ended inside a frame ({0} bytes left over)")]
+    Truncated(usize),
+}
+
+fn config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<MAX_FRAME>()
+}
+
+/// Serialises `[(K, Vec<u8>)]` with each byte vector written raw.
+struct BytePairs<'a, K>(&'a [(K, Vec<u8>)]);
+
+impl<K: Serialize> Serialize for BytePairs<'_, K> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.iter().map(|(k, v)| (k, serde_bytes::Bytes::new(v))))
+    }
+}
+
+fn unpairs<K>(v: Vec<(K, serde_bytes::ByteBuf)>) -> Vec<(K, Vec<u8>)> {
+    v.into_iter().map(|(k, b)| (k, b.into_vec())).collect()
+}
+
+/// Encode one frame. The sessions never build a frame beyond the limits;
+/// use [`try_encode`] for frames of other origin.
+pub fn encode(frame: &Frame) -> Vec<u8> {
+    let mut out = Vec::new();
+    encode_into(frame, &mut out);
+    out
+}
+
+/// Append the encoding of `frame` to `out`.
+pub fn encode_into(frame: &Frame, out: &mut Vec<u8>) {
+    let start = out.len();
+    out.extend_from_slice(&[0, 0, 0, 0, frame.frame_type() as u8]);
+    let cfg = bincode::config::standard();
+    let w = &mut *out;
+    let r = match frame {
+        Frame::Hello {
+            version,
+            tree,
+            direction,
+            client_agent,
+        } => {
+            bincode::serde::encode_into_std_write((version, tree, direction, client_agent), w, cfg)
+        }
+        Frame::Welcome { version, sink_root } => {
+            bincode::serde::encode_into_std_write((version, sink_root), w, cfg)
+        }
+        Frame::SinkState { root } => bincode::serde::encode_into_std_write(root, w, cfg),
+        Frame::Offer { root } | Frame::Done { root } | Frame::Committed { root } => {
+            bincode::serde::encode_into_std_write(root, w, cfg)
+        }
+        Frame::WantTrees { ids } => bincode::serde::encode_into_std_write(ids, w, cfg),
+        Frame::WantChunks { ids } => bincode::serde::encode_into_std_write(ids, w, cfg),
+        Frame::Trees { trees } => bincode::serde::encode_into_std_write(BytePairs(trees), w, cfg),
+        Frame::Chunks { chunks } => {
+            bincode::serde::encode_into_std_write(BytePairs(chunks), w, cfg)
+        }
+        Frame::Error { code, message } => {
+            bincode::serde::encode_into_std_write((code.to_u16(), message), w, cfg)
+        }
+    };
+    r.expect("encoding into a Vec cannot fail");
+    let len = (out.len() - start - HEADER_LEN) as u32;
+    out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+}
+
+/// Encode after checking every limit the peer's decoder will apply.
+pub fn try_encode(frame: &Frame) -> Result<Vec<u8>, WireError> {
+    frame.validate()?;
+    let out = encode(frame);
+    let len = out.len() - HEADER_LEN;
+    if len > MAX_FRAME {
+        return Err(WireError::TooLarge {
+            len,
+            max: MAX_FRAME,
+        });
+    }
+    Ok(out)
+}
+
+fn body<T: DeserializeOwned>(kind: &'static str, payload: &[u8]) -> Result<T, WireError> {
+    let (v, used): (T, usize) =
+        bincode::serde::decode_from_slice(payload, config()).map_err(|e| {
+            WireError::BadPayload {
+                kind,
+                reason: e.to_string(),
+            }
+        })?;
+    if used != payload.len() {
+        return Err(WireError::TrailingBytes {
+            kind,
+            extra: payload.len() - used,
+        });
+    }
+    Ok(v)
+}
+
+/// Decode the payload of a frame of type `ty` and check its limits.
+pub fn decode_payload(ty: FrameType, payload: &[u8]) -> Result<Frame, WireError> {
+    if payload.len() > MAX_FRAME {
+        return Err(WireError::TooLarge {
+            len: payload.len(),
+            max: MAX_FRAME,
+        });
+    }
+    let k = ty.name();
+    let frame = match ty {
+        FrameType::Hello => {
+            let (version, tree, direction, client_agent) = body(k, payload)?;
+            Frame::Hello {
+                version,
+                tree,
+                direction,
+                client_agent,
+            }
+        }
+        FrameType::Welcome => {
+            let (version, sink_root) = body(k, payload)?;
+            Frame::Welcome { version, sink_root }
+        }
+        FrameType::SinkState => Frame::SinkState {
+            root: body(k, payload)?,
+        },
+        FrameType::Offer => Frame::Offer {
+            root: body(k, payload)?,
+        },
+        FrameType::Done => Frame::Done {
+            root: body(k, payload)?,
+        },
+        FrameType::Committed => Frame::Committed {
+            root: body(k, payload)?,
+        },
+        FrameType::WantTrees => Frame::WantTrees {
+            ids: body(k, payload)?,
+        },
+        FrameType::WantChunks => Frame::WantChunks {
+            ids: body(k, payload)?,
+        },
+        FrameType::Trees => Frame::Trees {
+            trees: unpairs(body(k, payload)?),
+        },
+        FrameType::Chunks => Frame::Chunks {
+            chunks: unpairs(body(k, payload)?),
+        },
+        FrameType::Error => {
+            let (code, message): (u16, String) = body(k, payload)?;
+            Frame::Error {
+                code: ErrorCode::from_u16(code),
+                message,
+            }
+        }
+    };
+    frame.validate()?;
+    Ok(frame)
+}
+
+/// Check a header: `Ok(Some((type, payload_len)))` once 5 bytes are in.
+fn parse_header(bytes: &[u8]) -> Result<Option<(FrameType, usize)>, WireError> {
+    if bytes.len() < HEADER_LEN {
+        return Ok(None);
+    }
+    let len = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize;
+    if len > MAX_FRAME {
+        return Err(WireError::TooLarge {
+            len,
+            max: MAX_FRAME,
+        });
+    }
+    let ty = FrameType::from_u8(bytes[4]).ok_or(WireError::UnknownType(bytes[4]))?;
+    Ok(Some((ty, len)))
+}
+
+/// Decode the first frame of `bytes`: `Ok(None)` if it is not all there
+/// yet, else the frame and the bytes it used.
+pub fn decode(bytes: &[u8]) -> Result<Option<(Frame, usize)>, WireError> {
+    let Some((ty, len)) = parse_header(bytes)? else {
+        return Ok(None);
+    };
+    let end = HEADER_LEN + len;
+    if bytes.len() < end {
+        return Ok(None);
+    }
+    let frame = decode_payload(ty, &bytes[HEADER_LEN..end])?;
+    Ok(Some((frame, end)))
+}
+
+/// Streaming decoder for one byte stream: push bytes in as they arrive,
+/// pop whole frames out. After an error it stays failed.
+#[derive(Debug, Default)]
+pub struct FrameDecoder {
+    buf: Vec<u8>,
+    start: usize,
+    failed: Option<WireError>,
+}
+
+impl FrameDecoder {
+    pub fn new() -> FrameDecoder {
+        FrameDecoder::default()
+    }
+
+    /// Append received bytes. The header of a pending frame is checked at
+    /// once, so a bad length fails before its payload is buffered.
+    pub fn push(&mut self, bytes: &[u8]) -> Result<(), WireError> {
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
+        }
+        if self.start > 0 && self.start >= self.buf.len() / 2 {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+        // Take what completes the pending header first, check it, then the rest.
+        let pending = self.buf.len() - self.start;
+        if pending < HEADER_LEN {
+            let take = (HEADER_LEN - pending).min(bytes.len());
+            self.buf.extend_from_slice(&bytes[..take]);
+            if let Err(e) = parse_header(&self.buf[self.start..]) {
+                self.failed = Some(e.clone());
+                return Err(e);
+            }
+            self.buf.extend_from_slice(&bytes[take..]);
+        } else {
+            self.buf.extend_from_slice(bytes);
+        }
+        Ok(())
+    }
+
+    /// The next whole frame, `Ok(None)` if more bytes are needed.
+    pub fn next_frame(&mut self) -> Result<Option<Frame>, WireError> {
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
+        }
+        match decode(&self.buf[self.start..]) {
+            Ok(Some((frame, used))) => {
+                self.start += used;
+                if self.start == self.buf.len() {
+                    self.buf.clear();
+                    self.start = 0;
+                }
+                Ok(Some(frame))
+            }
+            Ok(None) => Ok(None),
+            Err(e) => {
+                self.failed = Some(e.clone());
+                Err(e)
+            }
+        }
+    }
+
+    /// Bytes held that do not yet make a whole frame (after `next_frame`
+    /// returned `None`).
+    pub fn buffered(&self) -> usize {
+        self.buf.len() - self.start
+    }
+
+    /// Call at the end of the stream: an error if a frame was cut off.
+    pub fn finish(&self) -> Result<(), WireError> {
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
+        }
+        match self.buffered() {
+            0 => Ok(()),
+            n => Err(WireError::Truncated(n)),
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn arb_bytes32() -> impl Strategy<Value = [u8; 32]> + Clone {
+        any::<[u8; 32]>()
+    }
+
+    fn arb_code() -> impl Strategy<Value = ErrorCode> {
+        (1u16..=8).prop_map(ErrorCode::from_u16)
+    }
+
+    pub fn arb_frame() -> impl Strategy<Value = Frame> {
+        let snap = arb_bytes32().prop_map(SnapshotId);
+        let tree_ids = proptest::collection::vec(arb_bytes32().prop_map(TreeId), 0..20);
+        let chunk_ids = proptest::collection::vec(arb_bytes32().prop_map(ChunkId), 0..20);
+        let blob = proptest::collection::vec(any::<u8>(), 1..300);
+        prop_oneof![
+            (
+                any::<u16>(),
+                "[a-z0-9_./-]{1,40}",
+                prop_oneof![Just(Direction::Push), Just(Direction::Pull)],
+                ".{0,40}"
+            )
+                .prop_filter("short agent", |t| t.3.len() <= MAX_AGENT)
+                .prop_map(|(version, tree, direction, client_agent)| Frame::Hello {
+                    version,
+                    tree,
+                    direction,
+                    client_agent
+                }),
+            (any::<u16>(), proptest::option::of(snap.clone()))
+                .prop_map(|(version, sink_root)| Frame::Welcome { version, sink_root }),
+            proptest::option::of(snap.clone()).prop_map(|root| Frame::SinkState { root }),
+            snap.clone().prop_map(|root| Frame::Offer { root }),
+            tree_ids.prop_map(|ids| Frame::WantTrees { ids }),
+            proptest::collection::vec((arb_bytes32().prop_map(TreeId), blob.clone()), 0..8)
+                .prop_map(|trees| Frame::Trees { trees }),
+            chunk_ids.prop_map(|ids| Frame::WantChunks { ids }),
+            proptest::collection::vec((arb_bytes32().prop_map(ChunkId), blob), 0..8)
+                .prop_map(|chunks| Frame::Chunks { chunks }),
+            snap.clone().prop_map(|root| Frame::Done { root }),
+            snap.prop_map(|root| Frame::Committed { root }),
+            (arb_code(), ".{0,80}").prop_map(|(code, message)| Frame::error(code, message)),
+        ]
+    }
+
+    fn decode_all(bytes: &[u8], step: usize) -> Result<Vec<Frame>, WireError> {
+        let mut d = FrameDecoder::new();
+        let mut out = Vec::new();
+        for piece in bytes.chunks(step.max(1)) {
+            d.push(piece)?;
+            while let Some(f) = d.next_frame()? {
+                out.push(f);
+            }
+        }
+        d.finish()?;
+        Ok(out)
+    }
+
+    #[test]
+    fn every_variant_round_trips() {
+        let id = [7u8; 32];
+        let frames = vec![
+            Frame::Hello {
+                version: PROTOCOL_VERSION,
+                tree: "repo".into(),
+                direction: Direction::Push,
+                client_agent: "sync-agent/0.1".into(),
+            },
+            Frame::Welcome {
+                version: PROTOCOL_VERSION,
+                sink_root: None,
+            },
+            Frame::SinkState {
+                root: Some(SnapshotId(id)),
+            },
+            Frame::Offer {
+                root: SnapshotId(id),
+            },
+            Frame::WantTrees {
+                ids: vec![TreeId(id)],
+            },
+            Frame::Trees {
+                trees: vec![(TreeId(id), b"tree".to_vec())],
+            },
+            Frame::WantChunks { ids: vec![] },
+            Frame::Chunks {
+                chunks: vec![(ChunkId(id), vec![1; 1000])],
+            },
+            Frame::Done {
+                root: SnapshotId(id),
+            },
+            Frame::Committed {
+                root: SnapshotId(id),
+            },
+            Frame::error(ErrorCode::Busy, "another sync is running"),
+        ];
+        let mut stream = Vec::new();
+        for f in &frames {
+            stream.extend(try_encode(f).unwrap());
+        }
+        assert_eq!(decode_all(&stream, 1).unwrap(), frames);
+        assert_eq!(decode_all(&stream, 4096).unwrap(), frames);
+    }
+
+    #[test]
+    fn byte_vectors_are_written_raw() {
+        let f = Frame::Chunks {
+            chunks: vec![(ChunkId([1; 32]), vec![0xAB; 5000])],
+        };
+        let enc = encode(&f);
+        // header, seq len (1), id (32), byte len (3), bytes
+        assert_eq!(enc.len(), HEADER_LEN + 1 + 32 + 3 + 5000);
+    }
+
+    #[test]
+    fn oversized_length_fails_on_the_header() {
+        let mut d = FrameDecoder::new();
+        let mut hdr = ((MAX_FRAME + 1) as u32).to_le_bytes().to_vec();
+        hdr.push(FrameType::Chunks as u8);
+        assert!(matches!(d.push(&hdr), Err(WireError::TooLarge { .. })));
+        assert!(d.next_frame().is_err(), "a failed decoder stays failed");
+        assert!(d.buffered() <= HEADER_LEN);
+    }
+
+    #[test]
+    fn unknown_type_trailing_bytes_and_truncation() {
+        assert_eq!(
+            decode(&[0, 0, 0, 0, 99]).unwrap_err(),
+            WireError::UnknownType(99)
+        );
+        let mut enc = encode(&Frame::Offer {
+            root: SnapshotId([3; 32]),
+        });
+        enc.push(0);
+        let n = (enc.len() - HEADER_LEN) as u32;
+        enc[..4].copy_from_slice(&n.to_le_bytes());
+        assert!(matches!(
+            decode(&enc),
+            Err(WireError::TrailingBytes { extra: 1, .. })
+        ));
+        let enc = encode(&Frame::Done {
+            root: SnapshotId([3; 32]),
+        });
+        let mut d = FrameDecoder::new();
+        d.push(&enc[..enc.len() - 1]).unwrap();
+        assert_eq!(d.next_frame().unwrap(), None);
+        assert_eq!(d.finish(), Err(WireError::Truncated(enc.len() - 1)));
+    }
+
+    #[test]
+    fn limits_are_enforced_on_decode() {
+        let too_many = Frame::WantChunks {
+            ids: vec![ChunkId([0; 32]); MAX_IDS_PER_MESSAGE + 1],
+        };
+        assert!(matches!(
+            try_encode(&too_many),
+            Err(WireError::Limit { .. })
+        ));
+        assert!(matches!(
+            decode(&encode(&too_many)),
+            Err(WireError::Limit { .. })
+        ));
+        let big_chunk = Frame::Chunks {
+            chunks: vec![(ChunkId([0; 32]), vec![0; CDC_MAX + 1])],
+        };
+        assert!(matches!(
+            decode(&encode(&big_chunk)),
+            Err(WireError::Limit { .. })
+        ));
+        let long_name = Frame::Hello {
+            version: 1,
+            tree: "x".repeat(MAX_TREE_NAME + 1),
+            direction: Direction::Pull,
+            client_agent: String::new(),
+        };
+        assert!(decode(&encode(&long_name)).is_err());
+        // A byte length claiming more than the payload holds.
+        let mut enc = encode(&Frame::Trees {
+            trees: vec![(TreeId([0; 32]), vec![1, 2, 3])],
+        });
+        enc[HEADER_LEN + 1 + 32] = 0xfb; // varint u16 marker, then a huge length
+        assert!(decode(&enc).is_err());
+    }
+
+    #[test]
+    fn error_message_is_cut_at_a_char_boundary() {
+        let f = Frame::error(ErrorCode::Internal, "é".repeat(MAX_ERROR_MESSAGE));
+        let Frame::Error { message, .. } = &f else {
+            unreachable!()
+        };
+        assert!(message.len() <= MAX_ERROR_MESSAGE);
+        assert!(try_encode(&f).is_ok());
+        assert_eq!(ErrorCode::from_u16(999), ErrorCode::Internal);
+    }
+
+    proptest! {
+        #[test]
+        fn frames_round_trip(frames in proptest::collection::vec(arb_frame(), 1..6), step in 1usize..64) {
+            let mut stream = Vec::new();
+            for f in &frames {
+                stream.extend(try_encode(f).unwrap());
+            }
+            prop_assert_eq!(decode_all(&stream, step).unwrap(), frames.clone());
+            prop_assert_eq!(decode_all(&stream, 1).unwrap(), frames);
+        }
+
+        #[test]
+        fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600), step in 1usize..50) {
+            let _ = decode_all(&bytes, step);
+        }
+
+        #[test]
+        fn random_payloads_never_panic(ty in 1u8..=11, payload in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = decode_payload(FrameType::from_u8(ty).unwrap(), &payload);
+        }
+    }
+}
