@@ -5,7 +5,6 @@
 use std::process::ExitCode;
 
 pub const FAILURE: u8 = 1;
-#[allow(dead_code)] // used by `verify`
 pub const DIFFERENCES: u8 = 3;
 
 /// What a command returns: the exit code it wants on success.

@@ -7,7 +7,10 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod exit;
+mod progress;
+mod push;
 mod scan;
+mod verify;
 
 /// Content-addressed sync for build servers and their mirrors.
 #[derive(Parser, Debug)]
@@ -24,6 +27,55 @@ struct Cli {
 enum Command {
     /// Hash a tree into its Merkle manifest and print the root and counts.
     Scan(ScanOptions),
+    /// Mirror SRC into DEST (a local directory): only what changed is
+    /// written, symlinks flip last, a crash leaves the old or new snapshot.
+    Push(PushOptions),
+    /// Check a mirror against its committed manifest (exit 3 if it differs).
+    Verify(VerifyOptions),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct PushOptions {
+    /// The tree to mirror.
+    pub src: PathBuf,
+    /// Where to mirror it: a local directory.
+    pub dest: String,
+    /// Print what would change, change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// State directory of DEST (default: .<name>.sync-state beside DEST).
+    #[arg(long)]
+    pub state: Option<PathBuf>,
+    /// Do not use the source's hash cache.
+    #[arg(long)]
+    pub no_cache: bool,
+    /// Apply owners (uid/gid) on DEST; only takes effect as root.
+    #[arg(long)]
+    pub owners: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct VerifyOptions {
+    /// The mirror to check.
+    pub dest: PathBuf,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// State directory of DEST (default: .<name>.sync-state beside DEST).
+    #[arg(long)]
+    pub state: Option<PathBuf>,
+    /// Trust size and mtime instead of re-hashing content.
+    #[arg(long)]
+    pub fast: bool,
+    /// Compare owners (uid/gid) too.
+    #[arg(long)]
+    pub owners: bool,
+    /// How many differing paths to show.
+    #[arg(long, default_value_t = 20)]
+    pub examples: usize,
 }
 
 #[derive(clap::Args, Debug)]
@@ -49,6 +101,8 @@ fn main() -> ExitCode {
     init_logging(cli.verbose);
     let result = match cli.command {
         Command::Scan(o) => scan::run(o),
+        Command::Push(o) => push::run(o),
+        Command::Verify(o) => verify::run(o),
     };
     exit::report(result)
 }

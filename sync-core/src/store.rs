@@ -12,7 +12,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::chunk::{chunk_spans, CDC_MAX};
+use crate::chunk::{chunk_spans, MAX_CHUNK};
 use crate::crashpoint;
 use crate::hash::ChunkId;
 use crate::manifest::{Kind, Manifest, ManifestError};
@@ -23,7 +23,7 @@ use crate::safefs::Root;
 pub enum StoreError {
     #[error("chunk {id} does not match its hash")]
     HashMismatch { id: ChunkId },
-    #[error("chunk {id} of {len} bytes exceeds the {CDC_MAX}-byte limit")]
+    #[error("chunk {id} of {len} bytes exceeds the {MAX_CHUNK}-byte limit")]
     TooLarge { id: ChunkId, len: usize },
     #[error("cannot {op} {path}: {source}")]
     Io {
@@ -125,7 +125,7 @@ impl Staging {
                 break;
             };
             let slot_end = slot.off.saturating_add(slot.len as u64);
-            if slot_end > pack_len || slot.len as usize > CDC_MAX {
+            if slot_end > pack_len || slot.len as usize > MAX_CHUNK {
                 break;
             }
             slots.insert(id, slot);
@@ -164,7 +164,7 @@ impl Staging {
 
     /// Verify and append one chunk; a chunk already staged is a no-op.
     pub fn put(&mut self, id: ChunkId, data: &[u8]) -> Result<(), StoreError> {
-        if data.len() > CDC_MAX {
+        if data.len() > MAX_CHUNK {
             return Err(StoreError::TooLarge {
                 id,
                 len: data.len(),
@@ -392,7 +392,7 @@ mod tests {
                 s.put(ChunkId::of(b"x"), b"y"),
                 Err(StoreError::HashMismatch { .. })
             ));
-            let big = vec![1u8; CDC_MAX + 1];
+            let big = vec![1u8; MAX_CHUNK + 1];
             assert!(matches!(
                 s.put(ChunkId::of(&big), &big),
                 Err(StoreError::TooLarge { .. })
