@@ -170,6 +170,10 @@ impl Tree {
         }
         let tree = Tree { entries };
         tree.validate()?;
+        // bincode accepts over-long varints; one tree must have one id.
+        if tree.encode() != bytes {
+            return Err(ManifestError::Decode("non-canonical encoding".into()));
+        }
         Ok(tree)
     }
 
@@ -718,6 +722,16 @@ pub(crate) mod tests {
             Tree::decode(&enc),
             Err(ManifestError::BadVersion(_))
         ));
+    }
+
+    #[test]
+    fn over_long_varints_are_refused() {
+        // 0xfb announces a u16 varint: a second spelling of "no entries".
+        let mut b = TREE_MAGIC.to_vec();
+        b.extend_from_slice(&TREE_VERSION.to_le_bytes());
+        b.extend_from_slice(&[0xfb, 0, 0]);
+        assert!(Tree::decode(&b).is_err());
+        assert!(Tree::decode(&Tree::default().encode()).is_ok());
     }
 
     #[test]

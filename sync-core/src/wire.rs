@@ -11,7 +11,7 @@ use std::fmt;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize, Serializer};
 
-use crate::chunk::CDC_MAX;
+use crate::chunk::MAX_CHUNK;
 use crate::hash::{ChunkId, SnapshotId, TreeId};
 
 /// Version spoken in `Hello` and `Welcome`.
@@ -254,7 +254,7 @@ impl Frame {
                 }
                 if let Some((id, data)) = chunks
                     .iter()
-                    .find(|(_, d)| d.is_empty() || d.len() > CDC_MAX)
+                    .find(|(_, d)| d.is_empty() || d.len() > MAX_CHUNK)
                 {
                     return limit(format!("chunk {id} of {} bytes", data.len()));
                 }
@@ -761,7 +761,7 @@ pub(crate) mod tests {
             Err(WireError::Limit { .. })
         ));
         let big_chunk = Frame::Chunks {
-            chunks: vec![(ChunkId([0; 32]), vec![0; CDC_MAX + 1])],
+            chunks: vec![(ChunkId([0; 32]), vec![0; MAX_CHUNK + 1])],
         };
         assert!(matches!(
             decode(&encode(&big_chunk)),

@@ -483,7 +483,7 @@ impl SinkSession {
                 })?;
             self.trees_received += 1;
             if let Some(raw) = self.incoming.raw(&id) {
-                self.fetched.push((id, raw.clone()));
+                self.fetched.push((id, raw.clone().into()));
             }
             if self.trees_received as usize > MAX_TREES {
                 return Err(SessionError::TooLarge(format!(
