@@ -19,7 +19,7 @@ fn build_src(src: &Path) {
     write(src, "same1", b"shared content");
     write(src, "d1/same2", b"shared content");
     write(src, "d1/d2/deep.txt", b"deep");
-    write(src, "d1/d2/big.bin", &noise(900_000, 1));
+    write(src, "d1/d2/big.bin", &noise(4_900_000, 1));
     std::fs::create_dir_all(src.join("empty")).unwrap();
     std::fs::create_dir_all(src.join("sticky")).unwrap();
     write(src, "sticky/x", b"x");
@@ -89,7 +89,7 @@ fn round_trip_then_every_kind_of_change() {
     write(&src, "swap-me/now-a-dir", b"was a symlink");
     std::fs::remove_file(src.join("todir")).unwrap();
     ln_s("names", &src, "todir");
-    write(&src, "d1/new/file", &noise(300_000, 2));
+    write(&src, "d1/new/file", &noise(5_000_000, 2));
     chmod(&src.join("ro"), 0o400);
     set_mtime(&src.join("same1"), T + 99);
     std::fs::remove_file(src.join("zero")).unwrap();
@@ -147,7 +147,7 @@ fn a_second_receiver_is_refused_while_one_is_open() {
 fn chunks_come_from_staging_or_the_tree_only_once() {
     let t = tempfile::tempdir().unwrap();
     let (src, dest) = (t.path().join("src"), t.path().join("dest"));
-    write(&src, "x/big", &noise(2_000_000, 3));
+    write(&src, "x/big", &noise(6_000_000, 3));
     write(&src, "small", b"small");
     let m1 = scan_tree(&src);
     let mut recv = Receiver::open(&dest, None).unwrap();

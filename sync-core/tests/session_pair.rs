@@ -153,7 +153,7 @@ fn build_manifest(files: &Files) -> Manifest {
 /// commit and relative symlinks; top-level symlinks name the newest.
 fn dlrn(commits: std::ops::Range<u64>) -> Files {
     let mut f = Files::default();
-    let shared_big = data(1, 700_000);
+    let shared_big = data(1, 4_700_000);
     let shared_small = data(2, 30_000);
     let mut last = String::new();
     for c in commits {
