@@ -65,6 +65,23 @@ impl HashCache {
         self.old.is_empty()
     }
 
+    /// Every record, as [`save`] takes them.
+    pub fn records(&self) -> impl Iterator<Item = (StatKey, FileHash, Box<[ChunkRef]>)> + '_ {
+        self.old.iter().map(|(&(dev, ino), c)| {
+            (
+                StatKey {
+                    dev,
+                    ino,
+                    size: c.size,
+                    mtime_ns: c.mtime_ns,
+                    ctime_ns: c.ctime_ns,
+                },
+                c.hash,
+                c.chunks.clone(),
+            )
+        })
+    }
+
     /// The cached hash for a file whose stat matches exactly.
     pub fn get(&self, key: &StatKey) -> Option<&Cached> {
         self.old.get(&(key.dev, key.ino)).filter(|c| {

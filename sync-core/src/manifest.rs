@@ -497,6 +497,11 @@ impl Manifest {
         Ok(self.insert(&tree))
     }
 
+    /// The held tree objects, for merging into another manifest's parts.
+    pub fn into_packed(self) -> impl Iterator<Item = (TreeId, Arc<[u8]>)> {
+        self.trees.into_iter()
+    }
+
     /// Drop tree objects the root no longer reaches.
     pub fn gc(&mut self) {
         let mut keep = HashMap::with_capacity(self.trees.len());

@@ -78,14 +78,42 @@ pub struct ScanOutcome {
     pub bytes_hashed: u64,
     /// Files whose hash came from the cache.
     pub cache_hits: u64,
+    /// Stamps of every directory, for an incremental [`rescan`].
+    pub dirs: DirIndex,
+    /// Directories listed by this scan (all of them for a full scan).
+    pub dirs_listed: u64,
+}
+
+/// What identifies a directory's listing: its entry set changes only with
+/// its mtime (and a directory moved in has another inode).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DirStamp {
+    pub dev: u64,
+    pub ino: u64,
+    pub mtime_ns: i64,
+    pub ctime_ns: i64,
+}
+
+/// The stamp of every directory of a scanned tree, by relative path.
+pub type DirIndex = HashMap<Vec<u8>, DirStamp>;
+
+/// What an incremental rescan may take from the previous scan.
+struct Reuse<'a> {
+    prev: &'a Manifest,
+    dirs: &'a DirIndex,
+    /// Directories to list again, and every ancestor of one.
+    descend: std::collections::HashSet<Vec<u8>>,
 }
 
 type CacheRecord = (StatKey, FileHash, Box<[ChunkRef]>);
 /// Paths of each multiply-linked inode, by (dev, inode).
 type LinkGroups = HashMap<(u64, u64), Vec<Vec<u8>>>;
 
-struct Ctx {
+struct Ctx<'a> {
     root: PathBuf,
+    reuse: Option<Reuse<'a>>,
+    dirs: Mutex<DirIndex>,
+    listed: AtomicU64,
     cache: HashCache,
     save_cache: bool,
     new_cache: Mutex<Vec<CacheRecord>>,
@@ -99,7 +127,7 @@ struct Ctx {
     racy_after_ns: i64,
 }
 
-impl Ctx {
+impl Ctx<'_> {
     fn show(&self, rel: &[u8]) -> String {
         let p = self.root.join(std::ffi::OsStr::from_bytes(rel));
         p.display().to_string()
@@ -120,12 +148,59 @@ impl Ctx {
 
 /// Scan the tree under `root` into a manifest.
 pub fn scan(root: &Path, opts: &ScanOptions) -> Result<ScanOutcome, ScanError> {
+    scan_with(root, opts, None)
+}
+
+/// Rescan after changes under the `dirty` directories (relative paths,
+/// `b""` for the root): only those directories and their ancestors are
+/// listed again; every other directory whose stamp is unchanged keeps its
+/// subtree from `prev`, so the cost follows the change, not the tree.
+/// Files in a listed directory are stat'ed (their content comes from the
+/// hash cache when unchanged). A directory whose stamp changed behind the
+/// watcher's back is listed too. Hard links between a rescanned and a
+/// reused part are resolved by the next full scan.
+pub fn rescan(
+    root: &Path,
+    opts: &ScanOptions,
+    prev: &ScanOutcome,
+    dirty: &[Vec<u8>],
+) -> Result<ScanOutcome, ScanError> {
+    let mut descend = std::collections::HashSet::new();
+    for d in dirty {
+        let mut p = d.as_slice();
+        loop {
+            if !descend.insert(p.to_vec()) {
+                break;
+            }
+            match p.iter().rposition(|&b| b == b'/') {
+                Some(i) => p = &p[..i],
+                None if !p.is_empty() => p = b"",
+                None => break,
+            }
+        }
+    }
+    let reuse = Reuse {
+        prev: &prev.manifest,
+        dirs: &prev.dirs,
+        descend,
+    };
+    scan_with(root, opts, Some(reuse))
+}
+
+fn scan_with(
+    root: &Path,
+    opts: &ScanOptions,
+    reuse: Option<Reuse<'_>>,
+) -> Result<ScanOutcome, ScanError> {
     let now_ns = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as i64)
         .unwrap_or(i64::MAX);
     let ctx = Ctx {
         root: root.to_path_buf(),
+        reuse,
+        dirs: Mutex::new(HashMap::new()),
+        listed: AtomicU64::new(0),
         cache: opts
             .cache
             .as_deref()
@@ -151,13 +226,25 @@ pub fn scan(root: &Path, opts: &ScanOptions) -> Result<ScanOutcome, ScanError> {
         rustix::io::Errno::NOTDIR => ScanError::NotADirectory(root.display().to_string()),
         e => ctx.io(b"", e),
     })?;
+    let st = rustix::fs::fstat(&fd).map_err(|e| ctx.io(b"", e))?;
+    ctx.dirs.lock().unwrap().insert(Vec::new(), dir_stamp(&st));
     let root_id = scan_dir(&ctx, fd, b"", 0)?;
     let trees = std::mem::take(&mut *ctx.trees.lock().unwrap());
     let mut manifest = Manifest::from_parts(root_id, trees)?;
     resolve_hard_links(&mut manifest, ctx.links.into_inner().unwrap())?;
 
     if let (Some(path), true) = (&opts.cache, ctx.save_cache) {
-        let records = ctx.new_cache.into_inner().unwrap();
+        let mut records = ctx.new_cache.into_inner().unwrap();
+        if ctx.reuse.is_some() {
+            // Files of reused subtrees were not visited: keep their records.
+            let seen: std::collections::HashSet<(u64, u64)> =
+                records.iter().map(|(k, ..)| (k.dev, k.ino)).collect();
+            records.extend(
+                ctx.cache
+                    .records()
+                    .filter(|(k, ..)| !seen.contains(&(k.dev, k.ino))),
+            );
+        }
         if let Err(e) = cache::save(path, &records) {
             tracing::warn!(path = %path.display(), "cannot save the hash cache: {e}");
         }
@@ -168,13 +255,51 @@ pub fn scan(root: &Path, opts: &ScanOptions) -> Result<ScanOutcome, ScanError> {
         files_hashed: ctx.hashed.into_inner(),
         bytes_hashed: ctx.bytes.into_inner(),
         cache_hits: ctx.hits.into_inner(),
+        dirs: ctx.dirs.into_inner().unwrap(),
+        dirs_listed: ctx.listed.into_inner(),
     })
+}
+
+#[allow(clippy::unnecessary_cast)]
+fn dir_stamp(st: &rustix::fs::Stat) -> DirStamp {
+    let k = stat_key(st);
+    DirStamp {
+        dev: k.dev,
+        ino: k.ino,
+        mtime_ns: k.mtime_ns,
+        ctime_ns: k.ctime_ns,
+    }
+}
+
+/// The previous subtree of `rel`, if it may be reused as it is; its trees
+/// and directory stamps are carried over into this scan.
+fn reused_subtree(ctx: &Ctx, rel: &[u8], stamp: DirStamp) -> Option<TreeId> {
+    let reuse = ctx.reuse.as_ref()?;
+    if reuse.descend.contains(rel) || reuse.dirs.get(rel) != Some(&stamp) {
+        return None;
+    }
+    let id = reuse.prev.lookup(rel).ok()??.subtree()?;
+    let mut part = Manifest::empty();
+    part.import(reuse.prev, id).ok()?;
+    let prefix = join(rel, b"");
+    {
+        let mut dirs = ctx.dirs.lock().unwrap();
+        dirs.insert(rel.to_vec(), stamp);
+        for (p, s) in reuse.dirs.iter() {
+            if p.starts_with(&prefix) {
+                dirs.insert(p.clone(), *s);
+            }
+        }
+    }
+    ctx.trees.lock().unwrap().extend(part.into_packed());
+    Some(id)
 }
 
 fn scan_dir(ctx: &Ctx, dirfd: OwnedFd, rel: &[u8], depth: usize) -> Result<TreeId, ScanError> {
     if depth > MAX_DEPTH {
         return Err(ScanError::TooDeep(ctx.show(rel)));
     }
+    ctx.listed.fetch_add(1, Relaxed);
     let mut names: Vec<Vec<u8>> = Vec::new();
     let dir = rustix::fs::Dir::read_from(&dirfd).map_err(|e| ctx.io(rel, e))?;
     for ent in dir {
@@ -272,7 +397,14 @@ fn scan_entry(
             };
             // Metadata from the opened directory, so it matches its content.
             let st = rustix::fs::fstat(&fd).map_err(|e| ctx.io(&rel, e))?;
-            let tree = scan_dir(ctx, fd, &rel, depth + 1)?;
+            let stamp = dir_stamp(&st);
+            let tree = match reused_subtree(ctx, &rel, stamp) {
+                Some(tree) => tree,
+                None => {
+                    ctx.dirs.lock().unwrap().insert(rel.clone(), stamp);
+                    scan_dir(ctx, fd, &rel, depth + 1)?
+                }
+            };
             Ok(Some(entry(name, meta(ctx, &st), Kind::Dir { tree })))
         }
         FileType::Symlink => {
@@ -554,6 +686,54 @@ mod tests {
         let out = scan(d.path(), &ScanOptions::default()).unwrap();
         assert_eq!(out.warnings.len(), 1, "{:?}", out.warnings);
         assert_eq!(out.manifest.stats().unwrap().files, 1);
+    }
+
+    #[test]
+    fn rescan_lists_only_dirty_directories_and_matches_a_full_scan() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        for a in 0..8 {
+            for b in 0..8 {
+                let dir = r.join(format!("repos/{a}/{b}"));
+                std::fs::create_dir_all(&dir).unwrap();
+                std::fs::write(dir.join("f.rpm"), format!("{a}{b}")).unwrap();
+                symlink("f.rpm", dir.join("l")).unwrap();
+            }
+        }
+        let opts = ScanOptions::default();
+        let full = scan(r, &opts).unwrap();
+        assert_eq!(full.manifest.stats().unwrap().dirs, 1 + 8 + 64);
+        assert_eq!(full.dirs.len(), 1 + 1 + 8 + 64);
+        assert_eq!(full.dirs_listed, 1 + 1 + 8 + 64);
+
+        // A change the watcher saw.
+        std::fs::write(r.join("repos/3/4/f.rpm"), b"rebuilt").unwrap();
+        std::fs::create_dir(r.join("repos/3/4/new")).unwrap();
+        std::fs::write(r.join("repos/3/4/new/g"), b"g").unwrap();
+        let inc = rescan(r, &opts, &full, &[b"repos/3/4".to_vec()]).unwrap();
+        let again = scan(r, &opts).unwrap();
+        assert_eq!(inc.manifest.root(), again.manifest.root());
+        // root, repos, repos/3, repos/3/4 and the new directory.
+        assert_eq!(inc.dirs_listed, 5);
+        assert_eq!(inc.dirs.len(), again.dirs.len());
+
+        // A directory whose listing changed without an event is noticed
+        // when its parent is listed.
+        std::fs::write(r.join("repos/5/extra"), b"x").unwrap();
+        let inc2 = rescan(r, &opts, &inc, &[b"repos/3/4".to_vec()]).unwrap();
+        assert_eq!(
+            inc2.manifest.root(),
+            scan(r, &opts).unwrap().manifest.root()
+        );
+        assert_eq!(
+            inc2.dirs_listed, 5,
+            "root, repos, repos/3, repos/3/4, repos/5"
+        );
+
+        // Nothing dirty: only the root is listed, and nothing changes.
+        let idle = rescan(r, &opts, &inc2, &[]).unwrap();
+        assert_eq!(idle.manifest.root(), inc2.manifest.root());
+        assert_eq!(idle.dirs_listed, 1);
     }
 
     #[test]
