@@ -7,6 +7,7 @@ pub mod cache;
 pub mod chunk;
 pub mod commit;
 pub mod crashpoint;
+pub mod debounce;
 pub mod diff;
 pub mod hash;
 pub mod manifest;
