@@ -1,6 +1,10 @@
-//! The sync agent as a library: identities, mutual TLS over QUIC, and the
-//! session driver, shared by the `sync-agent` daemon and by `sync-cli` for
-//! one-shot push and restore.
+//! The sync agent as a library: identities, mutual TLS over QUIC, the
+//! session driver, the server and one-shot clients, shared by the
+//! `sync-agent` daemon and by `sync-cli` for push and restore.
 
+pub mod client;
+pub mod config;
+pub mod driver;
 pub mod identity;
+pub mod server;
 pub mod tls;

@@ -145,9 +145,12 @@ fn transport() -> Arc<quinn::TransportConfig> {
     t.receive_window((128u32 << 20).into());
     t.send_window(128 << 20);
     t.max_concurrent_uni_streams(64u32.into());
-    t.keep_alive_interval(Some(std::time::Duration::from_secs(10)));
+    // A peer that died (SIGKILL, power loss) sends no close: notice it
+    // within the idle timeout; keep-alives hold a quiet but healthy
+    // connection (e.g. during a long commit) open.
+    t.keep_alive_interval(Some(std::time::Duration::from_secs(4)));
     t.max_idle_timeout(Some(
-        quinn::IdleTimeout::try_from(std::time::Duration::from_secs(60)).expect("in range"),
+        quinn::IdleTimeout::try_from(std::time::Duration::from_secs(20)).expect("in range"),
     ));
     Arc::new(t)
 }

@@ -21,8 +21,24 @@ pub fn report(result: Outcome) -> ExitCode {
             }) {
                 return ExitCode::SUCCESS;
             }
-            eprintln!("sync-cli: error: {e:#}");
+            eprintln!("sync-cli: error: {}", chain(&e));
             ExitCode::from(FAILURE)
         }
     }
+}
+
+/// The error and its causes, skipping a cause whose text the message
+/// before it already carries (library errors often embed their source).
+pub fn chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&text);
+        }
+    }
+    out
 }

@@ -7,8 +7,10 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod exit;
+mod keygen;
 mod progress;
 mod push;
+mod remote;
 mod scan;
 mod verify;
 
@@ -27,9 +29,17 @@ struct Cli {
 enum Command {
     /// Hash a tree into its Merkle manifest and print the root and counts.
     Scan(ScanOptions),
-    /// Mirror SRC into DEST (a local directory): only what changed is
-    /// written, symlinks flip last, a crash leaves the old or new snapshot.
+    /// Mirror SRC into DEST (a local directory or quic://HOST:PORT/TREE on
+    /// an agent): only what changed is written or sent, symlinks flip last,
+    /// a crash leaves the old or new snapshot.
     Push(PushOptions),
+    /// Pull an agent's committed snapshot (quic://HOST:PORT/TREE) into the
+    /// local directory DEST, through the same crash-safe commit.
+    Restore(RestoreOptions),
+    /// Create an identity (cert.pem, key.pem) in DIR and print its fingerprint.
+    Keygen(KeygenOptions),
+    /// Print the fingerprint of the identity in DIR.
+    Fingerprint(FingerprintOptions),
     /// Check a mirror against its committed manifest (exit 3 if it differs).
     Verify(VerifyOptions),
 }
@@ -38,8 +48,14 @@ enum Command {
 pub struct PushOptions {
     /// The tree to mirror.
     pub src: PathBuf,
-    /// Where to mirror it: a local directory.
+    /// Where to mirror it: a local directory, or quic://HOST:PORT/TREE.
     pub dest: String,
+    /// Our identity directory (cert.pem, key.pem), for quic:// DEST.
+    #[arg(long)]
+    pub identity: Option<PathBuf>,
+    /// The agent's pinned certificate fingerprint, for quic:// DEST.
+    #[arg(long)]
+    pub peer: Option<String>,
     /// Print what would change, change nothing.
     #[arg(long)]
     pub dry_run: bool,
@@ -55,6 +71,51 @@ pub struct PushOptions {
     /// Apply owners (uid/gid) on DEST; only takes effect as root.
     #[arg(long)]
     pub owners: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RestoreOptions {
+    /// The agent's tree: quic://HOST:PORT/TREE.
+    pub src: String,
+    /// The local directory to restore into (created if missing).
+    pub dest: PathBuf,
+    /// Our identity directory (cert.pem, key.pem).
+    #[arg(long)]
+    pub identity: Option<PathBuf>,
+    /// The agent's pinned certificate fingerprint.
+    #[arg(long)]
+    pub peer: Option<String>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// State directory of DEST (default: .<name>.sync-state beside DEST).
+    #[arg(long)]
+    pub state: Option<PathBuf>,
+    /// Apply owners (uid/gid) on DEST; only takes effect as root.
+    #[arg(long)]
+    pub owners: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct KeygenOptions {
+    /// Directory to create cert.pem and key.pem in (never overwritten).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Name put in the certificate (identity comes from the fingerprint).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Print {"fingerprint": ...} instead of the bare fingerprint.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct FingerprintOptions {
+    /// Identity directory holding cert.pem.
+    pub dir: PathBuf,
+    /// Print {"fingerprint": ...} instead of the bare fingerprint.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -103,6 +164,9 @@ fn main() -> ExitCode {
         Command::Scan(o) => scan::run(o),
         Command::Push(o) => push::run(o),
         Command::Verify(o) => verify::run(o),
+        Command::Restore(o) => remote::restore(o),
+        Command::Keygen(o) => keygen::keygen(o),
+        Command::Fingerprint(o) => keygen::fingerprint(o),
     };
     exit::report(result)
 }

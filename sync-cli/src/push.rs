@@ -36,10 +36,10 @@ struct Report {
 
 pub fn run(o: PushOptions) -> Outcome {
     if o.dest.starts_with("quic://") {
-        bail!(
-            "pushing to {} needs the QUIC transport, which this build does not have yet",
-            o.dest
-        );
+        return crate::remote::push(o);
+    }
+    if o.identity.is_some() || o.peer.is_some() {
+        bail!("--identity and --peer are for a quic:// DEST");
     }
     let start = Instant::now();
     let dest = std::path::PathBuf::from(&o.dest);

@@ -26,6 +26,18 @@ use crate::crashpoint;
 use crate::hash::SnapshotId;
 use crate::manifest::{Manifest, ManifestError};
 
+/// The committed manifest in the state directory `path`, read without
+/// taking the lock or creating anything (for `--dry-run`); an empty tree
+/// if nothing was committed there.
+pub fn peek_manifest(path: &Path) -> Result<Manifest, StateError> {
+    let p = path.join("manifest");
+    match std::fs::read(&p) {
+        Ok(b) => Manifest::decode(&b).map_err(|source| StateError::Manifest { path: p, source }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Manifest::empty()),
+        Err(e) => Err(ioe("read", &p)(e)),
+    }
+}
+
 /// Why the state directory could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -223,14 +235,7 @@ impl StateDir {
 
     /// The committed manifest; an empty tree if nothing was committed yet.
     pub fn load_manifest(&self) -> Result<Manifest, StateError> {
-        let p = self.path.join("manifest");
-        match std::fs::read(&p) {
-            Ok(b) => {
-                Manifest::decode(&b).map_err(|source| StateError::Manifest { path: p, source })
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Manifest::empty()),
-            Err(e) => Err(ioe("read", &p)(e)),
-        }
+        peek_manifest(&self.path)
     }
 
     pub fn store_manifest(&self, m: &Manifest) -> Result<(), StateError> {

@@ -1,0 +1,752 @@
+//! The session driver: moves frames between QUIC streams and a sans-IO
+//! [`SourceSession`] or [`SinkSession`], and does the blocking work their
+//! events ask for on `spawn_blocking` threads, never on the reactor.
+//!
+//! Streams of one session: a bidirectional control stream (opened by the
+//! client, `Hello` first) and up to [`DATA_STREAMS`] unidirectional data
+//! streams opened by the source, which carry only `Chunks` frames. Every
+//! stream has its own reader task (bytes -> [`FrameDecoder`] -> one bounded
+//! input queue) or writer task (bounded queue of encoded frames -> stream).
+//! The driver loop never blocks on a write: it selects between input, job
+//! completions and free writer slots, so neither peer can wedge the other.
+//! Memory stays bounded by the sink's window (chunks asked and not yet
+//! staged), the source's read window ([`READS_IN_FLIGHT`] batches of
+//! [`READ_BATCH`] bytes) and the small writer queues.
+
+use std::collections::VecDeque;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use quinn::{Connection, RecvStream, SendStream};
+use sync_core::commit::{CommitOptions, Receiver};
+use sync_core::hash::{ChunkId, SnapshotId, TreeId};
+use sync_core::safefs::Root;
+use sync_core::scan::display_rel as lossy;
+use sync_core::session::{
+    ChunkLocator, SessionError, SinkEvent, SinkSession, SourceEvent, SourceSession, Summary,
+};
+use sync_core::wire::{encode, ErrorCode, Frame, FrameDecoder, WireError};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+
+/// Data streams a source opens.
+pub const DATA_STREAMS: usize = 4;
+/// Data streams a sink accepts from one peer.
+const MAX_DATA_STREAMS: usize = 16;
+/// Decoded frames waiting for the driver loop.
+const INPUT_QUEUE: usize = 16;
+/// Encoded frames waiting per writer task.
+const WRITE_QUEUE: usize = 2;
+/// Chunk bytes one source read job gathers.
+pub const READ_BATCH: u64 = 4 << 20;
+/// Source read jobs running at once.
+pub const READS_IN_FLIGHT: usize = 2;
+/// Chunk bytes staged per job (each job ends with an fsync).
+const STORE_BATCH: usize = 1 << 20;
+/// How long a finished stream waits for the peer to acknowledge its data.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest file of tree objects kept for a resumed tree fetch.
+const MAX_KEPT_TREE_BYTES: usize = 256 << 20;
+/// Name of that file in the receiver's state directory.
+pub const FETCHED_TREES_FILE: &str = "fetched-trees";
+
+/// Why a driven session did not finish.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum DriveError {
+    /// The peer sent an `Error` frame.
+    #[error("peer refused ({code}): {message}")]
+    Peer { code: ErrorCode, message: String },
+    /// We failed the session (and told the peer).
+    #[error("{message}")]
+    Local { code: ErrorCode, message: String },
+    /// The connection or a stream broke.
+    #[error("connection lost: {0}")]
+    Lost(String),
+}
+
+impl DriveError {
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            DriveError::Peer { code, .. } | DriveError::Local { code, .. } => Some(*code),
+            DriveError::Lost(_) => None,
+        }
+    }
+}
+
+/// What a driven session ends with: the result, and the counters so far
+/// (meaningful also after a failure, e.g. bytes sent before a cut).
+#[derive(Debug)]
+pub struct DriveOutcome {
+    pub result: Result<Summary, DriveError>,
+    pub partial: Summary,
+}
+
+/// Live counters for a progress display, updated by the driver loop.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Chunks sent (source) or received (sink).
+    pub chunks: AtomicU64,
+    /// Chunk payload bytes sent or received.
+    pub bytes: AtomicU64,
+    /// Sink: chunks still to receive (asked or queued).
+    pub remaining: AtomicU64,
+}
+
+impl Progress {
+    fn set(&self, chunks: u64, bytes: u64, remaining: u64) {
+        self.chunks.store(chunks, Ordering::Relaxed);
+        self.bytes.store(bytes, Ordering::Relaxed);
+        self.remaining.store(remaining, Ordering::Relaxed);
+    }
+}
+
+/// Knobs shared by both drivers.
+#[derive(Clone, Debug, Default)]
+pub struct DriveOptions {
+    pub progress: Option<Arc<Progress>>,
+    /// When this turns `true`, the session is aborted (server shutdown).
+    pub shutdown: Option<watch::Receiver<bool>>,
+    /// Data streams the source opens (0 means [`DATA_STREAMS`]).
+    pub data_streams: usize,
+}
+
+/// The streams of one session.
+pub struct Link {
+    pub conn: Connection,
+    pub control_send: SendStream,
+    pub control_recv: RecvStream,
+    /// Holds bytes already read from `control_recv` (e.g. after `Hello`).
+    pub decoder: FrameDecoder,
+}
+
+/// What the source end reads chunks from: the tree the manifest describes.
+pub struct SourceIo {
+    pub root: Arc<Root>,
+    pub locator: Arc<ChunkLocator>,
+}
+
+/// What the sink end stages into and commits with.
+pub struct SinkIo {
+    pub recv: Arc<Mutex<Receiver>>,
+    pub commit: CommitOptions,
+    /// Tree objects kept from an interrupted session, already seeded.
+    pub seeded: Vec<(TreeId, Arc<[u8]>)>,
+}
+
+enum Input {
+    Frame(Frame),
+    Bad(WireError),
+    /// A data stream carried a frame other than `Chunks`.
+    Misplaced(&'static str),
+    TooManyStreams,
+    ControlEnd,
+    Lost(String),
+}
+
+enum Job {
+    Missing(Result<Vec<ChunkId>, String>),
+    Stored(Result<Vec<ChunkId>, String>),
+    Committed(Result<SnapshotId, String>),
+    Read(Result<Vec<(ChunkId, Vec<u8>)>, String>),
+}
+
+/// Aborts a task when dropped.
+struct Task(tokio::task::JoinHandle<()>);
+
+impl Drop for Task {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn wire_code(e: &WireError) -> ErrorCode {
+    match e {
+        WireError::TooLarge { .. } => ErrorCode::TooLarge,
+        _ => ErrorCode::Protocol,
+    }
+}
+
+/// Read one whole frame from `recv` (the server's `Hello`), keeping any
+/// bytes after it in `dec`. The error carries the code to answer with.
+pub async fn read_frame(
+    recv: &mut RecvStream,
+    dec: &mut FrameDecoder,
+) -> Result<Frame, (ErrorCode, String)> {
+    let bad = |e: WireError| (wire_code(&e), e.to_string());
+    loop {
+        if let Some(f) = dec.next_frame().map_err(bad)? {
+            return Ok(f);
+        }
+        match recv.read_chunk(1 << 20, true).await {
+            Ok(Some(c)) => dec.push(&c.bytes).map_err(bad)?,
+            Ok(None) => {
+                return Err((
+                    ErrorCode::Protocol,
+                    "stream ended before a whole frame".into(),
+                ))
+            }
+            Err(e) => return Err((ErrorCode::Protocol, e.to_string())),
+        }
+    }
+}
+
+async fn read_frames(
+    mut recv: RecvStream,
+    mut dec: FrameDecoder,
+    tx: mpsc::Sender<Input>,
+    data: bool,
+) {
+    loop {
+        loop {
+            let input = match dec.next_frame() {
+                Ok(Some(f)) if data && !matches!(f, Frame::Chunks { .. }) => {
+                    let _ = tx.send(Input::Misplaced(f.name())).await;
+                    return;
+                }
+                Ok(Some(f)) => Input::Frame(f),
+                Ok(None) => break,
+                Err(e) => {
+                    let _ = tx.send(Input::Bad(e)).await;
+                    return;
+                }
+            };
+            if tx.send(input).await.is_err() {
+                return;
+            }
+        }
+        match recv.read_chunk(1 << 20, true).await {
+            Ok(Some(c)) => {
+                if let Err(e) = dec.push(&c.bytes) {
+                    let _ = tx.send(Input::Bad(e)).await;
+                    return;
+                }
+            }
+            Ok(None) => {
+                match dec.finish() {
+                    Err(e) => {
+                        let _ = tx.send(Input::Bad(e)).await;
+                    }
+                    Ok(()) if !data => {
+                        let _ = tx.send(Input::ControlEnd).await;
+                    }
+                    Ok(()) => {}
+                }
+                return;
+            }
+            Err(e) => {
+                let _ = tx.send(Input::Lost(e.to_string())).await;
+                return;
+            }
+        }
+    }
+}
+
+async fn accept_data(conn: Connection, tx: mpsc::Sender<Input>) {
+    let mut readers = JoinSet::new();
+    let mut n = 0;
+    loop {
+        match conn.accept_uni().await {
+            Ok(recv) => {
+                n += 1;
+                if n > MAX_DATA_STREAMS {
+                    let _ = tx.send(Input::TooManyStreams).await;
+                    break;
+                }
+                readers.spawn(read_frames(recv, FrameDecoder::new(), tx.clone(), true));
+            }
+            Err(e) => {
+                let _ = tx.send(Input::Lost(e.to_string())).await;
+                break;
+            }
+        }
+    }
+    // Keep the readers alive until this task is aborted.
+    std::future::pending::<()>().await;
+    drop(readers);
+}
+
+async fn write_frames(mut send: SendStream, mut rx: mpsc::Receiver<Vec<u8>>) -> Result<(), String> {
+    while let Some(buf) = rx.recv().await {
+        send.write_all(&buf).await.map_err(|e| e.to_string())?;
+    }
+    let _ = send.finish();
+    let _ = tokio::time::timeout(FLUSH_TIMEOUT, send.stopped()).await;
+    Ok(())
+}
+
+/// Wait for the writers to flush (bounded), after their queues were closed.
+async fn join_writers(writers: Vec<tokio::task::JoinHandle<Result<(), String>>>) {
+    for w in writers {
+        let _ = tokio::time::timeout(FLUSH_TIMEOUT * 2, w).await;
+    }
+}
+
+async fn shutdown_signal(rx: &mut Option<watch::Receiver<bool>>) {
+    match rx {
+        Some(rx) => {
+            if rx.wait_for(|v| *v).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending::<()>().await,
+    }
+}
+
+fn blocking<F>(jobs: &mut JoinSet<Job>, f: F)
+where
+    F: FnOnce() -> Job + Send + 'static,
+{
+    let handle = tokio::task::spawn_blocking(f);
+    jobs.spawn(async move {
+        handle
+            .await
+            .unwrap_or_else(|e| Job::Read(Err(format!("worker thread failed: {e}"))))
+    });
+}
+
+fn record_root(root: SnapshotId) {
+    tracing::Span::current().record("root", root.short().as_str());
+}
+
+/// Read chunks from the files of a source tree (beneath its root, no
+/// symlink followed). The session checks every chunk against its id.
+pub fn read_chunks(
+    root: &Root,
+    locator: &ChunkLocator,
+    ids: &[ChunkId],
+) -> Result<Vec<(ChunkId, Vec<u8>)>, String> {
+    let plan = locator
+        .plan_reads(ids)
+        .map_err(|id| format!("chunk {id} is not in the offered snapshot"))?;
+    let mut out = Vec::with_capacity(ids.len());
+    for fr in plan {
+        let f = root
+            .open_file(&fr.path)
+            .map_err(|e| format!("cannot open {}: {e}", lossy(&fr.path)))?;
+        for (id, off, len) in fr.spans {
+            let mut buf = vec![0u8; len as usize];
+            f.read_exact_at(&mut buf, off).map_err(|e| {
+                format!(
+                    "cannot read {} bytes of {} at {off} (changed since the scan?): {e}",
+                    len,
+                    lossy(&fr.path)
+                )
+            })?;
+            out.push((id, buf));
+        }
+    }
+    Ok(out)
+}
+
+/// Drive the sending end of a session to its end.
+pub async fn drive_source(
+    mut session: SourceSession,
+    io: SourceIo,
+    link: Link,
+    mut opts: DriveOptions,
+) -> DriveOutcome {
+    record_root(session.root());
+    let (in_tx, mut in_rx) = mpsc::channel(INPUT_QUEUE);
+    let _reader = Task(tokio::spawn(read_frames(
+        link.control_recv,
+        link.decoder,
+        in_tx,
+        false,
+    )));
+    let (ctl_tx, ctl_rx) = mpsc::channel::<Vec<u8>>(WRITE_QUEUE);
+    let mut writers = vec![tokio::spawn(write_frames(link.control_send, ctl_rx))];
+    let n = if opts.data_streams == 0 {
+        DATA_STREAMS
+    } else {
+        opts.data_streams
+    };
+    let mut data_tx = Vec::with_capacity(n);
+    let mut outcome: Option<Result<Summary, DriveError>> = None;
+    for _ in 0..n {
+        match link.conn.open_uni().await {
+            Ok(s) => {
+                let (tx, rx) = mpsc::channel::<Vec<u8>>(WRITE_QUEUE);
+                writers.push(tokio::spawn(write_frames(s, rx)));
+                data_tx.push(tx);
+            }
+            Err(e) => {
+                outcome = Some(Err(DriveError::Lost(e.to_string())));
+                break;
+            }
+        }
+    }
+    let mut ctl_out: VecDeque<Vec<u8>> = VecDeque::new();
+    let mut data_out: VecDeque<Vec<u8>> = VecDeque::new();
+    let mut to_read: VecDeque<ChunkId> = VecDeque::new();
+    let mut reading = 0usize;
+    let mut rr = 0usize;
+    let mut jobs: JoinSet<Job> = JoinSet::new();
+    let mut peer_err: Option<DriveError> = None;
+    let mut input_open = true;
+    loop {
+        while let Some((ch, f)) = session.poll_transmit() {
+            if outcome.is_some() {
+                continue;
+            }
+            match ch {
+                sync_core::session::Channel::Control => ctl_out.push_back(encode(&f)),
+                sync_core::session::Channel::Data => data_out.push_back(encode(&f)),
+            }
+        }
+        while let Some(ev) = session.poll_event() {
+            match ev {
+                SourceEvent::ReadChunks(ids) => to_read.extend(ids),
+                SourceEvent::Finished(s) => {
+                    tracing::info!(chunks = s.chunks_sent, bytes = s.bytes_sent, "sent");
+                    outcome = Some(Ok(s));
+                }
+                SourceEvent::Failed(code, message) => {
+                    tracing::warn!(%code, %message, "source session failed");
+                    data_out.clear();
+                    to_read.clear();
+                    outcome = Some(Err(peer_err
+                        .take()
+                        .unwrap_or(DriveError::Local { code, message })));
+                }
+            }
+        }
+        while outcome.is_none()
+            && reading < READS_IN_FLIGHT
+            && data_out.len() < 2 * data_tx.len().max(1)
+            && !to_read.is_empty()
+        {
+            let mut ids = Vec::new();
+            let mut bytes = 0u64;
+            while let Some(id) = to_read.front() {
+                let len = io.locator.get(id).map_or(0, |l| l.len as u64);
+                if !ids.is_empty() && bytes + len > READ_BATCH {
+                    break;
+                }
+                bytes += len;
+                ids.push(*id);
+                to_read.pop_front();
+            }
+            let (root, locator) = (io.root.clone(), io.locator.clone());
+            reading += 1;
+            blocking(&mut jobs, move || {
+                Job::Read(read_chunks(&root, &locator, &ids))
+            });
+        }
+        if let Some(p) = &opts.progress {
+            let s = session.summary();
+            p.set(s.chunks_sent, s.bytes_sent, session.pending_chunks() as u64);
+        }
+        if outcome.is_some() && ctl_out.is_empty() && data_out.is_empty() && jobs.is_empty() {
+            break;
+        }
+        let data_free = !data_out.is_empty() && !data_tx.is_empty();
+        let next = rr % data_tx.len().max(1);
+        tokio::select! {
+            Some(j) = jobs.join_next() => {
+                if let Ok(Job::Read(r)) = j {
+                    reading -= 1;
+                    match r {
+                        Ok(chunks) => { let _ = session.send_chunks(chunks); }
+                        Err(m) => session.abort(ErrorCode::Internal, m),
+                    }
+                }
+            }
+            p = ctl_tx.reserve(), if !ctl_out.is_empty() => match p {
+                Ok(p) => p.send(ctl_out.pop_front().expect("not empty")),
+                Err(_) => lost(&mut outcome, &mut ctl_out, &mut data_out, "control stream writer failed"),
+            },
+            p = data_tx[next].reserve(), if data_free => match p {
+                Ok(p) => { p.send(data_out.pop_front().expect("not empty")); rr += 1; }
+                Err(_) => lost(&mut outcome, &mut ctl_out, &mut data_out, "data stream writer failed"),
+            },
+            i = in_rx.recv(), if input_open && outcome.is_none() => match i {
+                Some(Input::Frame(f)) => {
+                    if let Err(SessionError::Peer { code, message }) = session.handle_frame(f, Instant::now()) {
+                        peer_err = Some(DriveError::Peer { code, message });
+                    }
+                }
+                Some(Input::Bad(e)) => session.abort(wire_code(&e), format!("bad frame: {e}")),
+                Some(Input::Misplaced(n)) => session.abort(ErrorCode::Protocol, format!("{n} frame on a data stream")),
+                Some(Input::TooManyStreams) => session.abort(ErrorCode::Protocol, "too many data streams"),
+                Some(Input::ControlEnd) => lost(&mut outcome, &mut ctl_out, &mut data_out, "peer closed the control stream"),
+                Some(Input::Lost(m)) => lost(&mut outcome, &mut ctl_out, &mut data_out, &m),
+                None => input_open = false,
+            },
+            _ = shutdown_signal(&mut opts.shutdown), if outcome.is_none() => {
+                session.abort(ErrorCode::Internal, "the agent is shutting down");
+            }
+            else => lost(&mut outcome, &mut ctl_out, &mut data_out, "session stalled"),
+        }
+    }
+    tracing::debug!("source loop ended");
+    drop(ctl_tx);
+    drop(data_tx);
+    if matches!(outcome, Some(Err(DriveError::Lost(_)))) {
+        for w in &writers {
+            w.abort();
+        }
+    }
+    join_writers(writers).await;
+    tracing::debug!("source writers done");
+    DriveOutcome {
+        result: outcome.expect("loop ends with an outcome"),
+        partial: session.summary(),
+    }
+}
+
+fn lost<T>(
+    outcome: &mut Option<Result<T, DriveError>>,
+    a: &mut VecDeque<Vec<u8>>,
+    b: &mut VecDeque<Vec<u8>>,
+    msg: &str,
+) {
+    tracing::debug!("session cut: {msg}");
+    a.clear();
+    b.clear();
+    if outcome.is_none() {
+        *outcome = Some(Err(DriveError::Lost(msg.to_string())));
+    }
+}
+
+/// Load tree objects an interrupted session kept in `state`.
+pub fn load_fetched_trees(state: &std::path::Path) -> Vec<(TreeId, Arc<[u8]>)> {
+    let p = state.join(FETCHED_TREES_FILE);
+    let Ok(b) = std::fs::read(&p) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let mut at = 0usize;
+    while at + 36 <= b.len() {
+        let id = TreeId(b[at..at + 32].try_into().expect("32 bytes"));
+        let len = u32::from_le_bytes(b[at + 32..at + 36].try_into().expect("4 bytes")) as usize;
+        at += 36;
+        if at + len > b.len() {
+            break;
+        }
+        let bytes = &b[at..at + len];
+        at += len;
+        // The session re-checks; a damaged record is simply dropped here.
+        if TreeId::of(bytes) == id {
+            out.push((id, Arc::from(bytes)));
+        }
+    }
+    out
+}
+
+fn store_fetched_trees(state: &std::path::Path, trees: &[(TreeId, Arc<[u8]>)]) {
+    let mut buf = Vec::new();
+    for (id, bytes) in trees {
+        if buf.len() + 36 + bytes.len() > MAX_KEPT_TREE_BYTES {
+            break;
+        }
+        buf.extend_from_slice(id.as_bytes());
+        buf.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+        buf.extend_from_slice(bytes);
+    }
+    if let Err(e) = sync_core::state::write_atomic(state, FETCHED_TREES_FILE, &buf) {
+        tracing::warn!("cannot keep fetched tree objects: {e}");
+    }
+}
+
+fn clear_fetched_trees(state: &std::path::Path) {
+    let _ = std::fs::remove_file(state.join(FETCHED_TREES_FILE));
+}
+
+/// Drive the receiving end of a session to its end: stage what arrives,
+/// commit through the [`Receiver`] when all is staged.
+pub async fn drive_sink(
+    mut session: SinkSession,
+    io: SinkIo,
+    link: Link,
+    mut opts: DriveOptions,
+) -> DriveOutcome {
+    let (in_tx, mut in_rx) = mpsc::channel(INPUT_QUEUE);
+    let _reader = Task(tokio::spawn(read_frames(
+        link.control_recv,
+        link.decoder,
+        in_tx.clone(),
+        false,
+    )));
+    let _acceptor = Task(tokio::spawn(accept_data(link.conn.clone(), in_tx)));
+    let (ctl_tx, ctl_rx) = mpsc::channel::<Vec<u8>>(WRITE_QUEUE);
+    let writer = tokio::spawn(write_frames(link.control_send, ctl_rx));
+    let state_dir: PathBuf = io
+        .recv
+        .lock()
+        .expect("receiver lock")
+        .state_dir()
+        .to_path_buf();
+    let mut ctl_out: VecDeque<Vec<u8>> = VecDeque::new();
+    let mut no_data: VecDeque<Vec<u8>> = VecDeque::new();
+    let mut to_store: VecDeque<(ChunkId, Vec<u8>)> = VecDeque::new();
+    let mut storing = false;
+    let mut jobs: JoinSet<Job> = JoinSet::new();
+    let mut outcome: Option<Result<Summary, DriveError>> = None;
+    let mut peer_err: Option<DriveError> = None;
+    let mut input_open = true;
+    let mut root_known = false;
+    loop {
+        while let Some((_, f)) = session.poll_transmit() {
+            if outcome.is_none() {
+                ctl_out.push_back(encode(&f));
+            }
+        }
+        if !root_known {
+            if let Some(r) = session.offered() {
+                record_root(r);
+                root_known = true;
+            }
+        }
+        while let Some(ev) = session.poll_event() {
+            match ev {
+                SinkEvent::NeedChunkCheck(list) => {
+                    let recv = io.recv.clone();
+                    blocking(&mut jobs, move || {
+                        let r = recv.lock().expect("receiver lock");
+                        Job::Missing(Ok(list
+                            .into_iter()
+                            .map(|c| c.0)
+                            .filter(|id| !r.have(id))
+                            .collect()))
+                    });
+                }
+                SinkEvent::StoreChunks(chunks) => to_store.extend(chunks),
+                SinkEvent::Commit { manifest, .. } => {
+                    let recv = io.recv.clone();
+                    let copts = io.commit.clone();
+                    let state = state_dir.clone();
+                    blocking(&mut jobs, move || {
+                        let mut r = recv.lock().expect("receiver lock");
+                        let mut m = manifest;
+                        m.gc();
+                        let res = r
+                            .plan(&m)
+                            .and_then(|plan| r.commit(&m, &plan, &copts))
+                            .map(|s| {
+                                tracing::info!(
+                                    files = s.files_written,
+                                    bytes = s.bytes_written,
+                                    deleted = s.deleted,
+                                    "committed"
+                                );
+                                clear_fetched_trees(&state);
+                                m.snapshot()
+                            })
+                            .map_err(|e| e.to_string());
+                        Job::Committed(res)
+                    });
+                }
+                SinkEvent::Finished(s) => {
+                    tracing::info!(
+                        chunks = s.chunks_received,
+                        bytes = s.bytes_received,
+                        local = s.chunks_local,
+                        unchanged = s.unchanged,
+                        "received"
+                    );
+                    outcome = Some(Ok(s));
+                }
+                SinkEvent::Failed(code, message) => {
+                    tracing::warn!(%code, %message, "sink session failed");
+                    outcome = Some(Err(peer_err
+                        .take()
+                        .unwrap_or(DriveError::Local { code, message })));
+                }
+            }
+        }
+        if !storing && !to_store.is_empty() && outcome.is_none() {
+            storing = true;
+            // Bounded jobs, each ending in an fsync: a crash loses at most
+            // one job's chunks, which the next session asks for again.
+            let mut batch = Vec::new();
+            let mut bytes = 0usize;
+            while let Some((id, data)) = to_store.pop_front() {
+                bytes += data.len();
+                batch.push((id, data));
+                if bytes >= STORE_BATCH {
+                    break;
+                }
+            }
+            let recv = io.recv.clone();
+            blocking(&mut jobs, move || {
+                let mut r = recv.lock().expect("receiver lock");
+                let mut ids = Vec::with_capacity(batch.len());
+                for (id, data) in &batch {
+                    if let Err(e) = r.stage(*id, data) {
+                        return Job::Stored(Err(format!("staging failed: {e}")));
+                    }
+                    ids.push(*id);
+                }
+                // Group commit: one fsync for whatever arrived meanwhile,
+                // so a chunk acknowledged here survives a crash.
+                match r.sync_staging() {
+                    Ok(()) => Job::Stored(Ok(ids)),
+                    Err(e) => Job::Stored(Err(format!("staging failed: {e}"))),
+                }
+            });
+        }
+        if let Some(p) = &opts.progress {
+            let s = session.summary();
+            p.set(
+                s.chunks_received,
+                s.bytes_received,
+                (session.outstanding_chunks() + session.queued_chunks()) as u64,
+            );
+        }
+        if outcome.is_some() && ctl_out.is_empty() && jobs.is_empty() {
+            break;
+        }
+        tokio::select! {
+            Some(j) = jobs.join_next() => match j {
+                Ok(Job::Missing(Ok(ids))) => { let _ = session.chunks_missing(ids); }
+                Ok(Job::Stored(Ok(ids))) => { storing = false; let _ = session.chunks_stored(ids); }
+                Ok(Job::Committed(r)) => { let _ = session.commit_done(r); }
+                Ok(Job::Stored(Err(m))) => { storing = false; session.abort(ErrorCode::Internal, m) }
+                Ok(Job::Missing(Err(m)) | Job::Read(Err(m))) => session.abort(ErrorCode::Internal, m),
+                Ok(Job::Read(Ok(_))) => {}
+                Err(e) => session.abort(ErrorCode::Internal, format!("worker failed: {e}")),
+            },
+            p = ctl_tx.reserve(), if !ctl_out.is_empty() => match p {
+                Ok(p) => p.send(ctl_out.pop_front().expect("not empty")),
+                Err(_) => lost(&mut outcome, &mut ctl_out, &mut no_data, "control stream writer failed"),
+            },
+            i = in_rx.recv(), if input_open && outcome.is_none() => match i {
+                Some(Input::Frame(f)) => {
+                    if let Err(SessionError::Peer { code, message }) = session.handle_frame(f, Instant::now()) {
+                        peer_err = Some(DriveError::Peer { code, message });
+                    }
+                }
+                Some(Input::Bad(e)) => session.abort(wire_code(&e), format!("bad frame: {e}")),
+                Some(Input::Misplaced(n)) => session.abort(ErrorCode::Protocol, format!("{n} frame on a data stream")),
+                Some(Input::TooManyStreams) => session.abort(ErrorCode::Protocol, "too many data streams"),
+                Some(Input::ControlEnd) => lost(&mut outcome, &mut ctl_out, &mut no_data, "peer closed the control stream"),
+                Some(Input::Lost(m)) => lost(&mut outcome, &mut ctl_out, &mut no_data, &m),
+                None => input_open = false,
+            },
+            _ = shutdown_signal(&mut opts.shutdown), if outcome.is_none() => {
+                session.abort(ErrorCode::Internal, "the agent is shutting down");
+            }
+            else => lost(&mut outcome, &mut ctl_out, &mut no_data, "session stalled"),
+        }
+    }
+    if !session.is_finished() {
+        let mut trees = io.seeded;
+        trees.extend(session.fetched_trees());
+        if !trees.is_empty() {
+            let state = state_dir.clone();
+            let _ = tokio::task::spawn_blocking(move || store_fetched_trees(&state, &trees)).await;
+        }
+    }
+    drop(ctl_tx);
+    if matches!(outcome, Some(Err(DriveError::Lost(_)))) {
+        writer.abort();
+    }
+    join_writers(vec![writer]).await;
+    DriveOutcome {
+        result: outcome.expect("loop ends with an outcome"),
+        partial: session.summary(),
+    }
+}

@@ -1,0 +1,377 @@
+//! The agent's QUIC server: accepts connections from allowed fingerprints
+//! (TLS refuses everyone else in the handshake), reads the `Hello`,
+//! authorizes the tree and direction, and drives one session per
+//! connection: a push into the tree's [`Receiver`], or a pull of its
+//! committed snapshot. Graceful shutdown: stop accepting, abort running
+//! sessions (they tell their peers), close the endpoint, wait idle.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use quinn::{Connection, Endpoint, RecvStream, SendStream};
+use sync_core::commit::{CommitError, CommitOptions, Receiver};
+use sync_core::manifest::Manifest;
+use sync_core::safefs::Root;
+use sync_core::session::{
+    accept, reject, ChunkLocator, SinkOptions, SinkSession, SourceOptions, SourceSession,
+};
+use sync_core::state::{default_state_dir, StateError};
+use sync_core::wire::{encode, Direction, ErrorCode, Frame, FrameDecoder};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::Instrument;
+
+use crate::config::{AgentConfig, TreeConfig};
+use crate::driver::{
+    drive_sink, drive_source, load_fetched_trees, read_frame, DriveOptions, Link, SinkIo, SourceIo,
+};
+use crate::identity::{Fingerprint, Identity};
+use crate::tls;
+
+/// Time a client has to open its control stream and send `Hello`.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time a client has to close the connection after its session ended.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time running sessions get to wind down at shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("identity {path}: {source}")]
+    Identity {
+        path: PathBuf,
+        source: crate::identity::IdentityError,
+    },
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("tree {name} at {path}: {source}")]
+    Tree {
+        name: String,
+        path: PathBuf,
+        source: Box<CommitError>,
+    },
+}
+
+struct ServedTree {
+    cfg: TreeConfig,
+    /// Canonical tree path and its state directory.
+    dest: PathBuf,
+    state: PathBuf,
+}
+
+/// A bound, ready server.
+pub struct Server {
+    endpoint: Endpoint,
+    trees: Arc<HashMap<String, ServedTree>>,
+    fingerprint: Fingerprint,
+}
+
+impl Server {
+    /// Load the identity, check every tree (finishing any interrupted
+    /// commit), and bind. Needs a tokio runtime.
+    pub fn bind(cfg: &AgentConfig) -> Result<Server, ServerError> {
+        let id = Identity::load(&cfg.identity).map_err(|source| ServerError::Identity {
+            path: cfg.identity.clone(),
+            source,
+        })?;
+        let mut trees = HashMap::new();
+        for t in &cfg.trees {
+            let err = |source| ServerError::Tree {
+                name: t.name.clone(),
+                path: t.path.clone(),
+                source: Box::new(source),
+            };
+            // Opening rolls forward a commit a crash interrupted.
+            let recv = Receiver::open(&t.path, t.state.as_deref()).map_err(err)?;
+            if let Some(r) = recv.recovered() {
+                tracing::warn!(tree = %t.name, files = r.files_written, "finished an interrupted commit");
+            }
+            let served = ServedTree {
+                cfg: t.clone(),
+                dest: recv.dest().to_path_buf(),
+                state: recv.state_dir().to_path_buf(),
+            };
+            drop(recv);
+            trees.insert(t.name.clone(), served);
+        }
+        let server_cfg = tls::server_config(&id, cfg.allowed())?;
+        let endpoint =
+            Endpoint::server(server_cfg, cfg.listen).map_err(|source| ServerError::Bind {
+                addr: cfg.listen,
+                source,
+            })?;
+        Ok(Server {
+            endpoint,
+            trees: Arc::new(trees),
+            fingerprint: id.fingerprint(),
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    pub fn fingerprint(&self) -> Fingerprint {
+        self.fingerprint
+    }
+
+    /// Serve until `shutdown` turns true.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let mut conns = JoinSet::new();
+        let sessions_shutdown = shutdown.clone();
+        loop {
+            tokio::select! {
+                incoming = self.endpoint.accept() => {
+                    let Some(incoming) = incoming else { break };
+                    let trees = self.trees.clone();
+                    let sd = sessions_shutdown.clone();
+                    conns.spawn(async move {
+                        let remote = incoming.remote_address();
+                        let conn = match incoming.await {
+                            Ok(c) => c,
+                            Err(e) => {
+                                tracing::info!(peer = %remote, "handshake refused: {e}");
+                                return;
+                            }
+                        };
+                        let fp = tls::peer_fingerprint(&conn);
+                        let short = fp.map(|f| f.to_string()[..12].to_string()).unwrap_or_default();
+                        let span = tracing::info_span!("conn", peer = %remote, fp = %short);
+                        serve_conn(conn, fp, trees, sd).instrument(span).await;
+                    });
+                }
+                Some(_) = conns.join_next() => {}
+                _ = shutdown.wait_for(|v| *v) => break,
+            }
+        }
+        tracing::info!("shutting down: no new connections");
+        let grace = async { while conns.join_next().await.is_some() {} };
+        if tokio::time::timeout(SHUTDOWN_GRACE, grace).await.is_err() {
+            conns.abort_all();
+        }
+        self.endpoint.close(0u32.into(), b"shutdown");
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.endpoint.wait_idle()).await;
+    }
+}
+
+/// Send `frame` as the only answer, then let the client close.
+async fn refuse(conn: &Connection, mut send: SendStream, frame: Frame) {
+    if let Frame::Error { code, message } = &frame {
+        tracing::info!(%code, %message, "refused");
+    }
+    let _ = send.write_all(&encode(&frame)).await;
+    let _ = send.finish();
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, send.stopped()).await;
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, conn.closed()).await;
+    conn.close(1u32.into(), b"refused");
+}
+
+async fn serve_conn(
+    conn: Connection,
+    fp: Option<Fingerprint>,
+    trees: Arc<HashMap<String, ServedTree>>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let (send, mut recv): (SendStream, RecvStream) =
+        match tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi()).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::debug!("connection ended before a session: {e}");
+                return;
+            }
+            Err(_) => {
+                conn.close(1u32.into(), b"no control stream");
+                return;
+            }
+        };
+    let mut dec = FrameDecoder::new();
+    let first = match tokio::time::timeout(HELLO_TIMEOUT, read_frame(&mut recv, &mut dec)).await {
+        Ok(Ok(f)) => f,
+        Ok(Err((code, m))) => {
+            return refuse(&conn, send, reject(code, format!("bad first frame: {m}"))).await;
+        }
+        Err(_) => {
+            return refuse(
+                &conn,
+                send,
+                reject(ErrorCode::Protocol, "no Hello within the timeout"),
+            )
+            .await
+        }
+    };
+    let hello = match accept(first) {
+        Ok(h) => h,
+        Err(e) => return refuse(&conn, send, e.to_frame()).await,
+    };
+    let Some(tree) = trees.get(&hello.tree) else {
+        let f = reject(
+            ErrorCode::UnknownTree,
+            format!("this agent serves no tree named {:?}", hello.tree),
+        );
+        return refuse(&conn, send, f).await;
+    };
+    let access = fp
+        .and_then(|fp| tree.cfg.allow.get(&fp).copied())
+        .unwrap_or_default();
+    let allowed = match hello.direction {
+        Direction::Push => access.push,
+        Direction::Pull => access.pull,
+    };
+    if !allowed {
+        let what = match hello.direction {
+            Direction::Push => "push to",
+            Direction::Pull => "pull",
+        };
+        let f = reject(
+            ErrorCode::Unauthorized,
+            format!("unauthorized: this peer may not {what} tree {}", hello.tree),
+        );
+        return refuse(&conn, send, f).await;
+    }
+    let span = tracing::info_span!(
+        "session",
+        tree = %hello.tree,
+        dir = ?hello.direction,
+        agent = %hello.client_agent,
+        root = tracing::field::Empty
+    );
+    let link = Link {
+        conn: conn.clone(),
+        control_send: send,
+        control_recv: recv,
+        decoder: dec,
+    };
+    let opts = DriveOptions {
+        shutdown: Some(shutdown),
+        ..DriveOptions::default()
+    };
+    let started = Instant::now();
+    let outcome = match hello.direction {
+        Direction::Push => serve_push(tree, link, opts).instrument(span.clone()).await,
+        Direction::Pull => serve_pull(tree, link, opts).instrument(span.clone()).await,
+    };
+    let _g = span.enter();
+    match outcome {
+        Ok(()) => tracing::info!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "session done"
+        ),
+        Err(m) => tracing::warn!("session failed: {m}"),
+    }
+    drop(_g);
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, conn.closed()).await;
+    conn.close(0u32.into(), b"done");
+}
+
+async fn serve_push(tree: &ServedTree, link: Link, opts: DriveOptions) -> Result<(), String> {
+    let (dest, state) = (tree.dest.clone(), tree.cfg.state.clone());
+    let opened = tokio::task::spawn_blocking(move || {
+        let r = Receiver::open(&dest, state.as_deref())?;
+        let seeds = load_fetched_trees(r.state_dir());
+        Ok::<_, CommitError>((r, seeds))
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    let (recv, seeds) = match opened {
+        Ok(v) => v,
+        Err(CommitError::State(StateError::Locked(p))) => {
+            let f = reject(
+                ErrorCode::Busy,
+                format!(
+                    "busy: another sync of tree {} is running ({} is locked)",
+                    tree.cfg.name,
+                    p.display()
+                ),
+            );
+            refuse_link(link, f).await;
+            return Err("busy".into());
+        }
+        Err(e) => {
+            let f = reject(ErrorCode::Internal, format!("cannot open the tree: {e}"));
+            refuse_link(link, f).await;
+            return Err(e.to_string());
+        }
+    };
+    let mut session = SinkSession::server(
+        Some(recv.committed().clone()),
+        SinkOptions::default(),
+        Instant::now(),
+    );
+    if !seeds.is_empty() {
+        tracing::info!(trees = seeds.len(), "resuming a tree fetch");
+        session.seed_trees(seeds.clone());
+    }
+    let io = SinkIo {
+        recv: Arc::new(Mutex::new(recv)),
+        commit: CommitOptions::default(),
+        seeded: seeds,
+    };
+    let out = drive_sink(session, io, link, opts).await;
+    out.result.map(|_| ()).map_err(|e| e.to_string())
+}
+
+async fn refuse_link(link: Link, frame: Frame) {
+    let Link {
+        conn, control_send, ..
+    } = link;
+    let mut send = control_send;
+    let _ = send.write_all(&encode(&frame)).await;
+    let _ = send.finish();
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, send.stopped()).await;
+    drop(conn);
+}
+
+/// The committed manifest, read without taking the tree's lock (the file
+/// is replaced atomically, so a running push cannot tear it).
+fn committed_manifest(state: &Path) -> Result<Manifest, String> {
+    let p = state.join("manifest");
+    match std::fs::read(&p) {
+        Ok(b) => Manifest::decode(&b).map_err(|e| format!("{}: {e}", p.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Manifest::empty()),
+        Err(e) => Err(format!("cannot read {}: {e}", p.display())),
+    }
+}
+
+async fn serve_pull(tree: &ServedTree, link: Link, opts: DriveOptions) -> Result<(), String> {
+    let (dest, state) = (tree.dest.clone(), tree.state.clone());
+    let loaded = tokio::task::spawn_blocking(move || {
+        let m = committed_manifest(&state)?;
+        let locator = ChunkLocator::build(&m).map_err(|e| e.to_string())?;
+        let root = Root::open(&dest).map_err(|e| e.to_string())?;
+        Ok::<_, String>((m, locator, root))
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    let (manifest, locator, root) = match loaded {
+        Ok(v) => v,
+        Err(m) => {
+            refuse_link(link, reject(ErrorCode::Internal, m.clone())).await;
+            return Err(m);
+        }
+    };
+    let session = SourceSession::server(manifest, SourceOptions::default(), Instant::now());
+    let io = SourceIo {
+        root: Arc::new(root),
+        locator: Arc::new(locator),
+    };
+    let out = drive_source(session, io, link, opts).await;
+    out.result.map(|_| ()).map_err(|e| e.to_string())
+}
+
+/// The default state directory a tree would use (for messages and tests).
+pub fn state_dir_of(tree: &TreeConfig) -> Option<PathBuf> {
+    tree.state.clone().or_else(|| {
+        tree.path
+            .canonicalize()
+            .ok()
+            .and_then(|p| default_state_dir(&p).ok())
+    })
+}

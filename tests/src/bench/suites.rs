@@ -1,0 +1,578 @@
+//! The suites. Each generates its tree under the work dir, warms what a
+//! real deployment would have warm (page cache, the builder's hash cache),
+//! then runs ours and the peer alternately for every round.
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+
+use super::measure::{run, run_shell, sync, Run, Samples};
+use super::report::{Check, Row, Table};
+use super::{BenchOptions, Suite};
+use crate::bins;
+use crate::gen::{tree_stats, DlrnSpec, DlrnTree, TreeStats};
+
+/// Files changed within this long before a scan are not cached (racy).
+const RACY: Duration = Duration::from_millis(2100);
+/// `find` printing what a stat-only walk needs: size and mtime.
+const FIND_WALK: &str = "find \"$1\" -printf '%s %T@\\n' > /dev/null";
+
+struct Ctx<'a> {
+    o: &'a BenchOptions,
+    cli: PathBuf,
+}
+
+impl Ctx<'_> {
+    /// `sync-cli ARGS` with the hash cache under the work dir.
+    fn cli<I: IntoIterator<Item = S>, S: AsRef<OsStr>>(&self, args: I) -> Command {
+        let mut c = Command::new(&self.cli);
+        c.args(args)
+            .env("XDG_CACHE_HOME", self.o.dir.join("xdg-cache"))
+            .env_remove("RUST_LOG");
+        c
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.o.dir.join(name)
+    }
+
+    fn generate(&self, name: &str) -> Result<(DlrnTree, TreeStats)> {
+        let root = self.path(name);
+        remove(&root)?;
+        let _ = std::fs::remove_file(crate::gen::sidecar_path(&root));
+        let mut spec = DlrnSpec::entries_target(self.o.entries);
+        spec.scale = self.o.scale;
+        let t0 = Instant::now();
+        eprintln!(
+            "bench: generating {} ({} projects, {} builds, scale {})",
+            root.display(),
+            spec.projects,
+            spec.builds,
+            spec.scale
+        );
+        let tree = DlrnTree::create(&root, spec)?;
+        let stats = tree_stats(&root)?;
+        eprintln!(
+            "bench: {} entries, {} files, {:.2} GB in {:.1} s",
+            stats.entries(),
+            stats.files,
+            stats.bytes as f64 / 1e9,
+            t0.elapsed().as_secs_f64()
+        );
+        std::thread::sleep(RACY);
+        Ok((tree, stats))
+    }
+
+    /// Scan twice with the default cache so the next push finds it warm.
+    fn warm_cache(&self, tree: &Path) -> Result<()> {
+        std::thread::sleep(RACY);
+        for _ in 0..2 {
+            run(self.cli([OsStr::new("scan"), OsStr::new("--json"), tree.as_os_str()]))?;
+        }
+        Ok(())
+    }
+}
+
+pub fn remove(p: &Path) -> Result<()> {
+    match std::fs::symlink_metadata(p) {
+        Ok(m) if m.is_dir() => {
+            std::fs::remove_dir_all(p).with_context(|| format!("rm -rf {}", p.display()))
+        }
+        Ok(_) => std::fs::remove_file(p).with_context(|| format!("rm {}", p.display())),
+        Err(_) => Ok(()),
+    }
+}
+
+/// `.NAME.sync-state` beside DEST (the CLI's default state dir).
+fn state_of(dest: &Path) -> PathBuf {
+    let mut n = std::ffi::OsString::from(".");
+    n.push(dest.file_name().expect("dest has a name"));
+    n.push(".sync-state");
+    dest.with_file_name(n)
+}
+
+fn cp_a(from: &Path, to: &Path) -> Result<Run> {
+    run(Command::new("cp").arg("-a").arg(from).arg(to))
+}
+
+/// Every regular file below `root`, as a NUL-separated list in `out`.
+fn file_list(root: &Path, out: &Path) -> Result<usize> {
+    let mut buf = Vec::new();
+    let mut n = 0;
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d)? {
+            let e = e?;
+            let ft = e.file_type()?;
+            if ft.is_dir() {
+                stack.push(e.path());
+            } else if ft.is_file() {
+                buf.extend_from_slice(e.path().as_os_str().as_bytes());
+                buf.push(0);
+                n += 1;
+            }
+        }
+    }
+    std::fs::write(out, buf)?;
+    Ok(n)
+}
+
+fn num(v: &serde_json::Value, k: &str) -> Result<u64> {
+    v[k].as_u64()
+        .with_context(|| format!("JSON lacks numeric {k}: {v}"))
+}
+
+fn machine_context(o: &BenchOptions, stats: &TreeStats) -> Vec<(String, String)> {
+    let first_line = |cmd: &str, arg: &str| {
+        Command::new(cmd)
+            .arg(arg)
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.lines().next().map(str::to_string))
+            .unwrap_or_else(|| "missing".into())
+    };
+    let fs = Command::new("df")
+        .arg("--output=fstype")
+        .arg(&o.dir)
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.lines().nth(1).map(|l| l.trim().to_string()))
+        .unwrap_or_default();
+    vec![
+        (
+            "tree".into(),
+            format!(
+                "{} entries ({} files, {} dirs, {} symlinks), {:.2} GB, --entries {} --scale {}",
+                stats.entries(),
+                stats.files,
+                stats.dirs,
+                stats.symlinks,
+                stats.bytes as f64 / 1e9,
+                o.entries,
+                o.scale
+            ),
+        ),
+        ("rounds".into(), o.rounds.to_string()),
+        (
+            "machine".into(),
+            format!(
+                "{} CPUs, kernel {}, {} on {}",
+                std::thread::available_parallelism().map_or(0, |n| n.get()),
+                first_line("uname", "-r"),
+                fs,
+                o.dir.display()
+            ),
+        ),
+        (
+            "peers".into(),
+            format!(
+                "{}; {}",
+                first_line("rsync", "--version"),
+                first_line("b3sum", "--version")
+            ),
+        ),
+    ]
+}
+
+pub fn run_suite(suite: Suite, o: &BenchOptions) -> Result<Table> {
+    std::fs::create_dir_all(&o.dir)?;
+    let ctx = Ctx {
+        o,
+        cli: bins::sync_cli(),
+    };
+    match suite {
+        Suite::Scan => scan_suite(&ctx),
+        Suite::PushLocal => push_local_suite(&ctx),
+        Suite::Quic => quic_suite(&ctx),
+    }
+}
+
+fn scan_suite(ctx: &Ctx) -> Result<Table> {
+    ensure!(bins::have("b3sum"), "b3sum is needed for the scan suite");
+    let (_tree, stats) = ctx.generate("scan-src")?;
+    let src = ctx.path("scan-src");
+    let list = ctx.path("scan-files.list");
+    let files = file_list(&src, &list)?;
+    let b3 = "xargs -0 -a \"$1\" b3sum --no-names > /dev/null";
+    let b3_par = "xargs -0 -a \"$1\" -P \"$2\" -n 2000 b3sum --no-names > /dev/null";
+    let ncpu = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .to_string();
+    // Page cache warm for both sides: this measures hashing, not the disk.
+    run_shell(b3, &[list.as_os_str()])?;
+
+    let scan_cold = || run(ctx.cli(["scan", "--no-cache", "--json"]).arg(&src));
+    let (mut cold, mut b3s, mut b3p) = (Samples::default(), Samples::default(), Samples::default());
+    let mut rss = Samples::default();
+    for r in 0..ctx.o.rounds {
+        eprintln!("bench: scan round {}/{}", r + 1, ctx.o.rounds);
+        let mut ours = || -> Result<()> {
+            let run = scan_cold()?;
+            let v = run.json()?;
+            ensure!(num(&v, "files")? as usize == stats.files, "file count: {v}");
+            cold.push(run.secs);
+            rss.push(run.max_rss as f64);
+            Ok(())
+        };
+        if r % 2 == 0 {
+            ours()?;
+            b3s.push(run_shell(b3, &[list.as_os_str()])?.secs);
+            b3p.push(run_shell(b3_par, &[list.as_os_str(), OsStr::new(&ncpu)])?.secs);
+        } else {
+            b3p.push(run_shell(b3_par, &[list.as_os_str(), OsStr::new(&ncpu)])?.secs);
+            b3s.push(run_shell(b3, &[list.as_os_str()])?.secs);
+            ours()?;
+        }
+    }
+
+    let cache = ctx.path("scan.hcache");
+    let _ = std::fs::remove_file(&cache);
+    let cache_arg = format!("--cache={}", cache.display());
+    let scan_warm = || run(ctx.cli(["scan", "--json", &cache_arg]).arg(&src));
+    scan_warm()?;
+    let v = scan_warm()?.json()?;
+    ensure!(
+        num(&v, "cache_hits")? as usize == files && num(&v, "files_hashed")? == 0,
+        "the cache did not warm: {v}"
+    );
+    let (mut warm, mut find, mut warm_rss) =
+        (Samples::default(), Samples::default(), Samples::default());
+    for r in 0..ctx.o.rounds {
+        let mut ours = || -> Result<()> {
+            let run = scan_warm()?;
+            ensure!(num(&run.json()?, "files_hashed")? == 0, "warm scan hashed");
+            warm.push(run.secs);
+            warm_rss.push(run.max_rss as f64);
+            Ok(())
+        };
+        if r % 2 == 0 {
+            ours()?;
+            find.push(run_shell(FIND_WALK, &[src.as_os_str()])?.secs);
+        } else {
+            find.push(run_shell(FIND_WALK, &[src.as_os_str()])?.secs);
+            ours()?;
+        }
+    }
+
+    let entries = stats.entries() as f64;
+    let mut t = Table {
+        suite: "scan".into(),
+        context: machine_context(ctx.o, &stats),
+        rows: vec![
+            Row {
+                case: "cold scan (`scan --no-cache`)".into(),
+                ours: cold.clone(),
+                peer_name: "b3sum (xargs -0)".into(),
+                peer: b3s,
+                target: Some(1.3),
+                note: format!("{:.0} MB/s ours", stats.bytes as f64 / cold.median() / 1e6),
+            },
+            Row {
+                case: "cold scan (`scan --no-cache`)".into(),
+                ours: cold,
+                peer_name: format!("b3sum (xargs -0 -P {ncpu})"),
+                peer: b3p,
+                target: None,
+                note: String::new(),
+            },
+            Row {
+                case: "warm rescan (`scan --cache`, all hits)".into(),
+                ours: warm,
+                peer_name: "find -printf '%s %T@'".into(),
+                peer: find,
+                target: Some(2.0),
+                note: String::new(),
+            },
+        ],
+        checks: Vec::new(),
+        cleanup: Vec::new(),
+    };
+    t.checks.push(Check::at_most(
+        "peak RSS, cold scan",
+        rss.median() / entries,
+        "B/entry",
+        200.0,
+        format!("{:.1} MiB", rss.median() / 1048576.0),
+    ));
+    t.checks.push(Check::at_most(
+        "peak RSS, warm rescan",
+        warm_rss.median() / entries,
+        "B/entry",
+        200.0,
+        format!("{:.1} MiB", warm_rss.median() / 1048576.0),
+    ));
+    if !ctx.o.keep {
+        let side = crate::gen::sidecar_path(&src);
+        t.cleanup.extend([src, side, list, cache]);
+    }
+    Ok(t)
+}
+
+/// The three ways to make a copy, run into fresh destinations.
+#[derive(Clone, Copy)]
+enum Copier {
+    Ours,
+    OursNoCache,
+    Rsync,
+    CpA,
+}
+
+fn push_local_suite(ctx: &Ctx) -> Result<Table> {
+    ensure!(
+        bins::have("rsync"),
+        "rsync is needed for the push-local suite"
+    );
+    let (mut tree, stats) = ctx.generate("push-src")?;
+    let src = ctx.path("push-src");
+    let src_slash = {
+        let mut s = src.clone().into_os_string();
+        s.push("/");
+        s
+    };
+    let d_ours = ctx.path("dst-ours");
+    let d_rsync = ctx.path("dst-rsync");
+    let d_cp = ctx.path("dst-cp");
+    ctx.warm_cache(&src)?;
+    // Page cache warm on the read side.
+    run_shell(FIND_WALK, &[src.as_os_str()])?;
+    run_shell(
+        "find \"$1\" -type f -print0 | xargs -0 cat > /dev/null",
+        &[src.as_os_str()],
+    )?;
+
+    let fresh = |c: Copier| -> Result<f64> {
+        let dest = match c {
+            Copier::Ours | Copier::OursNoCache => &d_ours,
+            Copier::Rsync => &d_rsync,
+            Copier::CpA => &d_cp,
+        };
+        remove(dest)?;
+        remove(&state_of(dest))?;
+        sync();
+        let secs = match c {
+            Copier::Ours | Copier::OursNoCache => {
+                let mut cmd = ctx.cli(["push", "--json"]);
+                if matches!(c, Copier::OursNoCache) {
+                    cmd.arg("--no-cache");
+                }
+                let r = run(cmd.arg(&src).arg(dest))?;
+                let v = r.json()?;
+                ensure!(num(&v, "files_written")? as usize == stats.files, "{v}");
+                r.secs
+            }
+            Copier::Rsync => run(Command::new("rsync").arg("-a").arg(&src_slash).arg(dest))?.secs,
+            Copier::CpA => cp_a(&src, dest)?.secs,
+        };
+        Ok(secs)
+    };
+    let (mut ours, mut ours_nc) = (Samples::default(), Samples::default());
+    let (mut rsync, mut cp) = (Samples::default(), Samples::default());
+    for r in 0..ctx.o.rounds {
+        eprintln!("bench: push-local initial round {}/{}", r + 1, ctx.o.rounds);
+        let mut order = [
+            Copier::Ours,
+            Copier::Rsync,
+            Copier::CpA,
+            Copier::OursNoCache,
+        ];
+        if r % 2 == 1 {
+            order.reverse();
+        }
+        for c in order {
+            let s = fresh(c)?;
+            match c {
+                Copier::Ours => ours.push(s),
+                Copier::OursNoCache => ours_nc.push(s),
+                Copier::Rsync => rsync.push(s),
+                Copier::CpA => cp.push(s),
+            }
+        }
+    }
+    remove(&d_cp)?;
+    // Whichever ran last, leave both destinations holding the tree.
+    fresh(Copier::Ours)?;
+    fresh(Copier::Rsync)?;
+    sync();
+
+    // Unchanged: nothing to do but prove it.
+    let (mut un_ours, mut un_rsync, mut un_find) =
+        (Samples::default(), Samples::default(), Samples::default());
+    let push = |check: &dyn Fn(&serde_json::Value) -> Result<()>| -> Result<f64> {
+        let r = run(ctx.cli(["push", "--json"]).arg(&src).arg(&d_ours))?;
+        check(&r.json()?)?;
+        Ok(r.secs)
+    };
+    let unchanged = |v: &serde_json::Value| -> Result<()> {
+        ensure!(v["unchanged"] == true, "not unchanged: {v}");
+        Ok(())
+    };
+    let rsync_run = || -> Result<f64> {
+        Ok(run(Command::new("rsync")
+            .arg("-a")
+            .arg(&src_slash)
+            .arg(&d_rsync))?
+        .secs)
+    };
+    for r in 0..ctx.o.rounds {
+        eprintln!(
+            "bench: push-local unchanged round {}/{}",
+            r + 1,
+            ctx.o.rounds
+        );
+        let find = || run_shell(FIND_WALK, &[src.as_os_str()]).map(|r| r.secs);
+        if r % 2 == 0 {
+            un_ours.push(push(&unchanged)?);
+            un_rsync.push(rsync_run()?);
+            un_find.push(find()?);
+        } else {
+            un_find.push(find()?);
+            un_rsync.push(rsync_run()?);
+            un_ours.push(push(&unchanged)?);
+        }
+    }
+
+    // Incremental: 5 new builds; each round starts from the old mirrors.
+    let base = ctx.path("base");
+    remove(&base)?;
+    std::fs::create_dir_all(&base)?;
+    for d in [&d_ours, &state_of(&d_ours), &d_rsync] {
+        run(Command::new("mv").arg(d).arg(&base))?;
+    }
+    let restore = || -> Result<()> {
+        for d in [&d_ours, &state_of(&d_ours), &d_rsync] {
+            remove(d)?;
+            cp_a(&base.join(d.file_name().unwrap()), d)?;
+        }
+        sync();
+        Ok(())
+    };
+    for _ in 0..5 {
+        tree.evolve(1)?;
+    }
+    let after = tree_stats(&src)?;
+    ctx.warm_cache(&src)?;
+    let (mut inc_ours, mut inc_rsync) = (Samples::default(), Samples::default());
+    let mut written = 0;
+    let changed = |v: &serde_json::Value| -> Result<()> {
+        ensure!(
+            v["unchanged"] == false && num(v, "files_written")? > 0,
+            "{v}"
+        );
+        Ok(())
+    };
+    for r in 0..ctx.o.rounds {
+        eprintln!(
+            "bench: push-local incremental round {}/{}",
+            r + 1,
+            ctx.o.rounds
+        );
+        if r % 2 == 0 {
+            restore()?;
+            inc_ours.push(push(&changed)?);
+            sync();
+            inc_rsync.push(rsync_run()?);
+        } else {
+            restore()?;
+            inc_rsync.push(rsync_run()?);
+            sync();
+            inc_ours.push(push(&changed)?);
+        }
+        written = run(ctx.cli(["scan", "--json", "--no-cache"]).arg(&d_ours))
+            .and_then(|r| r.json())
+            .and_then(|v| num(&v, "files"))?;
+    }
+    ensure!(
+        written as usize == after.files,
+        "incremental push left a different tree"
+    );
+
+    let mut context = machine_context(ctx.o, &stats);
+    context.push((
+        "incremental".into(),
+        format!(
+            "evolve 5 → {} entries; source hash cache warm (as the builder's agent keeps it)",
+            after.entries()
+        ),
+    ));
+    let rows = vec![
+        Row {
+            case: "initial push (hash cache warm)".into(),
+            ours: ours.clone(),
+            peer_name: "rsync -a".into(),
+            peer: rsync.clone(),
+            target: Some(1.0),
+            note: String::new(),
+        },
+        Row {
+            case: "initial push (hash cache warm)".into(),
+            ours,
+            peer_name: "cp -a".into(),
+            peer: cp.clone(),
+            target: Some(1.3),
+            note: String::new(),
+        },
+        Row {
+            case: "initial push --no-cache".into(),
+            ours: ours_nc.clone(),
+            peer_name: "rsync -a".into(),
+            peer: rsync,
+            target: None,
+            note: String::new(),
+        },
+        Row {
+            case: "initial push --no-cache".into(),
+            ours: ours_nc,
+            peer_name: "cp -a".into(),
+            peer: cp,
+            target: None,
+            note: String::new(),
+        },
+        Row {
+            case: "unchanged push".into(),
+            ours: un_ours.clone(),
+            peer_name: "find -printf walk".into(),
+            peer: un_find,
+            target: Some(1.5),
+            note: String::new(),
+        },
+        Row {
+            case: "unchanged push".into(),
+            ours: un_ours,
+            peer_name: "rsync -a (unchanged)".into(),
+            peer: un_rsync,
+            target: None,
+            note: String::new(),
+        },
+        Row {
+            case: "incremental push after evolve 5".into(),
+            ours: inc_ours,
+            peer_name: "rsync -a".into(),
+            peer: inc_rsync,
+            target: None,
+            note: String::new(),
+        },
+    ];
+    let cleanup = if ctx.o.keep {
+        Vec::new()
+    } else {
+        let side = crate::gen::sidecar_path(&src);
+        vec![state_of(&d_ours), d_ours, d_rsync, base, src, side]
+    };
+    Ok(Table {
+        suite: "push-local".into(),
+        context,
+        rows,
+        checks: Vec::new(),
+        cleanup,
+    })
+}
+
+fn quic_suite(_ctx: &Ctx) -> Result<Table> {
+    bail!("the quic suite is not implemented yet (extension point: Suite::Quic)")
+}
