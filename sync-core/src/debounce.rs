@@ -79,7 +79,9 @@ impl Debouncer {
         if std::mem::take(&mut self.full) {
             return Some(Batch::Full);
         }
-        Some(Batch::Dirs(std::mem::take(&mut self.dirty).into_iter().collect()))
+        Some(Batch::Dirs(
+            std::mem::take(&mut self.dirty).into_iter().collect(),
+        ))
     }
 
     /// Put a batch back (its rescan failed, e.g. a file was still being
