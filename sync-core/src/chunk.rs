@@ -78,6 +78,59 @@ pub fn chunk_content(data: &[u8]) -> Content {
     Content { size, hash, chunks }
 }
 
+/// Hash and chunk a file's content as it is read, with bounded buffers
+/// (`buf` is reused across calls). `Ok(None)` if the reader does not yield
+/// exactly `size` bytes: the file changed under us.
+pub fn chunk_reader(
+    mut r: impl std::io::Read,
+    size: u64,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<Option<Content>> {
+    if size <= SINGLE_CHUNK_MAX {
+        buf.resize(READ_PIECE, 0);
+        let mut h = blake3::Hasher::new();
+        let mut total = 0u64;
+        loop {
+            let n = match r.read(buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            total += n as u64;
+            if total > size {
+                return Ok(None);
+            }
+            h.update(&buf[..n]);
+        }
+        return Ok((total == size).then(|| Content {
+            size,
+            hash: h.finalize().into(),
+            chunks: Vec::new(),
+        }));
+    }
+    let mut whole = blake3::Hasher::new();
+    let mut chunks = Vec::new();
+    let mut total = 0u64;
+    for c in fastcdc::v2020::StreamCDC::new(r, CDC_MIN, CDC_AVG, CDC_MAX) {
+        let c = c.map_err(std::io::Error::from)?;
+        total += c.length as u64;
+        if total > size {
+            return Ok(None);
+        }
+        whole.update(&c.data);
+        chunks.push(chunk_ref(&c.data));
+    }
+    Ok((total == size).then(|| Content {
+        size,
+        hash: whole.finalize().into(),
+        chunks,
+    }))
+}
+
+/// Read size for streaming: large enough for BLAKE3's SIMD to run at speed.
+const READ_PIECE: usize = 256 * 1024;
+
 fn chunk_ref(piece: &[u8]) -> ChunkRef {
     ChunkRef {
         id: ChunkId::of(piece),
@@ -160,6 +213,26 @@ mod tests {
         let old: std::collections::HashSet<_> = a.chunks.iter().map(|c| c.id).collect();
         let new = b.chunks.iter().filter(|c| !old.contains(&c.id)).count();
         assert!(new <= 3, "{new} new chunks after a small insertion");
+    }
+
+    #[test]
+    fn streaming_matches_in_memory_and_detects_a_size_change() {
+        let mut buf = Vec::new();
+        for len in [0, 1, 300_000, 4 << 20, (4 << 20) + 1, 9 << 20] {
+            let data = pseudo_random(len, len as u64);
+            let streamed = chunk_reader(&data[..], len as u64, &mut buf).unwrap();
+            assert_eq!(streamed, Some(chunk_content(&data)), "len {len}");
+            if len > 0 {
+                assert_eq!(
+                    chunk_reader(&data[..], len as u64 - 1, &mut buf).unwrap(),
+                    None
+                );
+                assert_eq!(
+                    chunk_reader(&data[..], len as u64 + 1, &mut buf).unwrap(),
+                    None
+                );
+            }
+        }
     }
 
     proptest! {

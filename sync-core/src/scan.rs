@@ -13,7 +13,6 @@
 
 use std::collections::HashMap;
 use std::ffi::CStr;
-use std::io::Read;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -24,12 +23,12 @@ use rayon::prelude::*;
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 
 use crate::cache::{self, HashCache, StatKey};
-use crate::chunk::{chunk_content, ChunkRef, Content};
+use crate::chunk::{chunk_reader, ChunkRef, Content};
 use crate::hash::{FileHash, TreeId};
 use crate::manifest::{join, lossy, Entry, Kind, Manifest, ManifestError, Tree, MAX_DEPTH};
 
-/// Files up to this size are read, larger ones mapped.
-const READ_MAX: u64 = 256 * 1024;
+/// Larger files get a sequential read-ahead hint.
+const READ_AHEAD_MIN: u64 = 1 << 20;
 /// How often a file that changes while being hashed is re-read.
 const HASH_ATTEMPTS: usize = 3;
 
@@ -512,30 +511,17 @@ fn remember(ctx: &Ctx, key: StatKey, content: &Content) {
 }
 
 /// Hash `size` bytes of an open file; `None` if the file's length is not
-/// `size` (it changed under us).
+/// `size` (it changed under us). Reads with one reused buffer per thread
+/// rather than mapping: resident memory stays flat whatever the file sizes.
 fn read_content(fd: std::os::fd::BorrowedFd<'_>, size: u64) -> std::io::Result<Option<Content>> {
-    let mut file = std::fs::File::from(fd.try_clone_to_owned()?);
-    // Small files are read into a reused buffer; larger ones are mapped.
-    if size <= READ_MAX {
-        thread_local! {
-            static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-        }
-        return BUF.with_borrow_mut(|buf| {
-            buf.clear();
-            // One byte more than expected reveals a file that grew.
-            (&mut file).take(size + 1).read_to_end(buf)?;
-            Ok((buf.len() as u64 == size).then(|| chunk_content(buf)))
-        });
+    thread_local! {
+        static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     }
-    // SAFETY: the map is only read while the fd is open. Another process
-    // may write the file meanwhile; the fstat before and after the read
-    // detects that and the result is discarded and retried.
-    let map = unsafe { memmap2::Mmap::map(&file)? };
-    if map.len() as u64 != size {
-        return Ok(None);
+    let file = std::fs::File::from(fd.try_clone_to_owned()?);
+    if size > READ_AHEAD_MIN {
+        let _ = rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::Sequential);
     }
-    let _ = map.advise(memmap2::Advice::Sequential);
-    Ok(Some(chunk_content(&map)))
+    BUF.with_borrow_mut(|buf| chunk_reader(file, size, buf))
 }
 
 /// Canonical order of relative paths: component by component, bytewise.
