@@ -4,7 +4,10 @@
 
 pub mod client;
 pub mod config;
+pub mod control;
 pub mod driver;
 pub mod identity;
 pub mod server;
+pub mod source;
 pub mod tls;
+pub mod watcher;

@@ -33,6 +33,9 @@ enum Command {
     /// Serve trees over QUIC until SIGINT/SIGTERM.
     #[command(after_help = AFTER_HELP)]
     Serve(ServeOptions),
+    /// Watch a tree and keep mirrors current until SIGINT/SIGTERM.
+    #[command(after_help = AFTER_HELP)]
+    Watch(WatchOptions),
 }
 
 #[derive(clap::Args, Debug)]
@@ -61,7 +64,18 @@ struct ServeOptions {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
-    let Command::Serve(o) = cli.command;
+    let o = match cli.command {
+        Command::Serve(o) => o,
+        Command::Watch(o) => {
+            return match watch(o) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("sync-agent: error: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+    };
     let cfg = match config_of(&o) {
         Ok(c) => c,
         Err(e) => {
@@ -150,6 +164,139 @@ fn serve(cfg: AgentConfig, json: bool) -> anyhow::Result<()> {
         server.run(rx).await;
         Ok(())
     })
+}
+
+#[derive(clap::Args, Debug)]
+struct WatchOptions {
+    /// The tree to watch and mirror.
+    path: PathBuf,
+    /// A mirror to keep current, quic://HOST:PORT/NAME (repeatable).
+    #[arg(long = "to", required = true)]
+    to: Vec<String>,
+    /// The fingerprint of each --to agent, in the same order (repeatable).
+    #[arg(long = "peer", required = true)]
+    peer: Vec<String>,
+    /// Directory holding this agent's cert.pem and key.pem.
+    #[arg(long)]
+    identity: PathBuf,
+    /// The tree's name in status output (default: the first --to NAME).
+    #[arg(long)]
+    name: Option<String>,
+    /// Rescan once no change arrived for this many milliseconds.
+    #[arg(long, default_value_t = 100)]
+    quiet_ms: u64,
+    /// ... or at the latest this long after the first pending change.
+    #[arg(long, default_value_t = 2000)]
+    max_delay_ms: u64,
+    /// Full rescan this often whatever the watcher says, in seconds.
+    #[arg(long, default_value_t = 3600)]
+    rescan_secs: u64,
+    /// Hash cache file (default: $XDG_CACHE_HOME/sync-engine/<tree>.hcache).
+    #[arg(long)]
+    cache: Option<PathBuf>,
+    /// Control socket (default: /run/sync-agent.sock as root, else
+    /// $XDG_RUNTIME_DIR/sync-agent.sock or /tmp/sync-agent-UID.sock).
+    #[arg(long)]
+    control: Option<PathBuf>,
+    /// Serve Prometheus metrics on this address (opt-in).
+    #[arg(long)]
+    metrics: Option<SocketAddr>,
+}
+
+fn watch(o: WatchOptions) -> anyhow::Result<()> {
+    use sync_agent::client::RemoteUrl;
+    use sync_agent::control::{self, Control, ControlledTree};
+    use sync_agent::source::{self, Downstream, SourceConfig};
+    if o.to.len() != o.peer.len() {
+        anyhow::bail!(
+            "{} --to but {} --peer: give one --peer fingerprint per --to, in order",
+            o.to.len(),
+            o.peer.len()
+        );
+    }
+    let mut downstream = Vec::new();
+    for (to, peer) in o.to.iter().zip(&o.peer) {
+        downstream.push(Downstream {
+            url: RemoteUrl::parse(to)?,
+            peer: peer.parse()?,
+        });
+    }
+    let name = o
+        .name
+        .clone()
+        .unwrap_or_else(|| downstream[0].url.tree.clone());
+    let identity = std::sync::Arc::new(
+        sync_agent::identity::Identity::load(&o.identity)
+            .with_context(|| format!("loading the identity in {}", o.identity.display()))?,
+    );
+    let cfg = SourceConfig {
+        root: o.path.clone(),
+        name,
+        downstream,
+        quiet: std::time::Duration::from_millis(o.quiet_ms),
+        max_delay: std::time::Duration::from_millis(o.max_delay_ms),
+        rescan_interval: std::time::Duration::from_secs(o.rescan_secs.max(1)),
+        cache: o
+            .cache
+            .clone()
+            .or_else(|| sync_core::cache::default_path(&o.path)),
+    };
+    let control_path = o.control.clone().unwrap_or_else(control::default_path);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    rt.block_on(async move {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        spawn_signal_handler(tx);
+        let status = source::SharedStatus::default();
+        let (pub_tx, pub_rx) = tokio::sync::mpsc::channel(16);
+        let ctl = std::sync::Arc::new(Control {
+            sources: vec![ControlledTree {
+                status: status.clone(),
+                publish: pub_tx,
+            }],
+            sinks: Vec::new(),
+        });
+        let c = ctl.clone();
+        let crx = rx.clone();
+        let cpath = control_path.clone();
+        tokio::spawn(async move {
+            if let Err(e) = control::serve(&cpath, c, crx).await {
+                tracing::error!(path = %cpath.display(), "control socket: {e}");
+            }
+        });
+        if let Some(addr) = o.metrics {
+            let c = ctl.clone();
+            let mrx = rx.clone();
+            tokio::spawn(async move {
+                if let Err(e) = control::serve_metrics(addr, c, mrx).await {
+                    tracing::error!(%addr, "metrics endpoint: {e}");
+                }
+            });
+        }
+        println!(
+            "watching {} control {}",
+            o.path.display(),
+            control_path.display()
+        );
+        use std::io::Write;
+        std::io::stdout().flush()?;
+        source::run(cfg, identity, status, pub_rx, rx).await
+    })
+}
+
+fn spawn_signal_handler(tx: tokio::sync::watch::Sender<bool>) {
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("signal received, shutting down");
+        let _ = tx.send(true);
+    });
 }
 
 fn init_logging(verbose: u8) {

@@ -12,6 +12,7 @@ mod progress;
 mod push;
 mod remote;
 mod scan;
+mod status;
 mod verify;
 
 /// Content-addressed sync for build servers and their mirrors.
@@ -21,6 +22,11 @@ struct Cli {
     /// More log output (-v info, -vv debug); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
+    /// The agent's control socket, for `status` and `push --wait` (default:
+    /// /run/sync-agent.sock as root, else $XDG_RUNTIME_DIR/sync-agent.sock
+    /// or /tmp/sync-agent-UID.sock).
+    #[arg(long, global = true, value_name = "PATH")]
+    control: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -42,14 +48,33 @@ enum Command {
     Fingerprint(FingerprintOptions),
     /// Check a mirror against its committed manifest (exit 3 if it differs).
     Verify(VerifyOptions),
+    /// Show a running agent's trees and peers: roots, lag, errors, traffic.
+    Status(StatusOptions),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct StatusOptions {
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(clap::Args, Debug)]
 pub struct PushOptions {
     /// The tree to mirror.
-    pub src: PathBuf,
+    #[arg(required_unless_present = "wait")]
+    pub src: Option<PathBuf>,
     /// Where to mirror it: a local directory, or quic://HOST:PORT/TREE.
-    pub dest: String,
+    #[arg(required_unless_present = "wait")]
+    pub dest: Option<String>,
+    /// Ask the running agent (see --control) to publish its source tree
+    /// NAME now and wait until every peer committed it; exit 1 if any
+    /// failed. For build hooks that gate promotion on the mirrors.
+    #[arg(long, value_name = "NAME")]
+    pub wait: Option<String>,
+    /// With --wait: give up after this many seconds.
+    #[arg(long, default_value_t = 600, requires = "wait")]
+    pub timeout: u64,
     /// Our identity directory (cert.pem, key.pem), for quic:// DEST.
     #[arg(long)]
     pub identity: Option<PathBuf>,
@@ -71,6 +96,21 @@ pub struct PushOptions {
     /// Apply owners (uid/gid) on DEST; only takes effect as root.
     #[arg(long)]
     pub owners: bool,
+}
+
+impl PushOptions {
+    /// SRC; clap requires it unless --wait, which never reaches here.
+    pub fn src(&self) -> &std::path::Path {
+        self.src
+            .as_deref()
+            .expect("clap requires SRC without --wait")
+    }
+    /// DEST; clap requires it unless --wait.
+    pub fn dest(&self) -> &str {
+        self.dest
+            .as_deref()
+            .expect("clap requires DEST without --wait")
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -162,7 +202,11 @@ fn main() -> ExitCode {
     init_logging(cli.verbose);
     let result = match cli.command {
         Command::Scan(o) => scan::run(o),
-        Command::Push(o) => push::run(o),
+        Command::Push(o) => match &o.wait {
+            Some(name) => status::push_wait(cli.control.as_deref(), name, o.json, o.timeout),
+            None => push::run(o),
+        },
+        Command::Status(o) => status::status(cli.control.as_deref(), o.json),
         Command::Verify(o) => verify::run(o),
         Command::Restore(o) => remote::restore(o),
         Command::Keygen(o) => keygen::keygen(o),

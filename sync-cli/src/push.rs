@@ -35,38 +35,50 @@ struct Report {
 }
 
 pub fn run(o: PushOptions) -> Outcome {
-    if o.dest.starts_with("quic://") {
+    if o.dest().starts_with("quic://") {
         return crate::remote::push(o);
     }
     if o.identity.is_some() || o.peer.is_some() {
         bail!("--identity and --peer are for a quic:// DEST");
     }
     let start = Instant::now();
-    let dest = std::path::PathBuf::from(&o.dest);
+    let dest = std::path::PathBuf::from(o.dest());
     let phase = Phase::start(!o.json, "scanning source");
     let cache = if o.no_cache {
         None
     } else {
-        sync_core::cache::default_path(&o.src)
+        sync_core::cache::default_path(o.src())
     };
     let scanned = scan(
-        &o.src,
+        o.src(),
         &CoreScan {
             cache,
             owners: true,
         },
     )
-    .with_context(|| format!("scanning {}", o.src.display()))?;
+    .with_context(|| format!("scanning {}", o.src().display()))?;
     phase.next("opening destination");
-    let mut recv = Receiver::open(&dest, o.state.as_deref())
-        .with_context(|| format!("opening {}", dest.display()))?;
-    if let Some(r) = recv.recovered() {
-        tracing::warn!(
-            files = r.files_written,
-            "finished a commit that a crash had interrupted"
-        );
-    }
-    let previous = recv.committed().snapshot();
+    let state_dir = match &o.state {
+        Some(s) => s.clone(),
+        None => sync_core::state::default_state_dir(&dest)?,
+    };
+    // A dry run reads the committed manifest without locking, creating or
+    // rolling forward anything.
+    let (mut recv, committed) = if o.dry_run {
+        (None, sync_core::state::peek_manifest(&state_dir)?)
+    } else {
+        let recv = Receiver::open(&dest, o.state.as_deref())
+            .with_context(|| format!("opening {}", dest.display()))?;
+        if let Some(r) = recv.recovered() {
+            tracing::warn!(
+                files = r.files_written,
+                "finished a commit that a crash had interrupted"
+            );
+        }
+        let committed = recv.committed().clone();
+        (Some(recv), committed)
+    };
+    let previous = committed.snapshot();
     let new = &scanned.manifest;
     let unchanged = previous == new.snapshot();
     let mut report = Report {
@@ -81,16 +93,16 @@ pub fn run(o: PushOptions) -> Outcome {
         hardlinks: 0,
         metadata: 0,
         deleted: 0,
-        rolled_forward: recv.recovered().is_some(),
+        rolled_forward: recv.as_ref().is_some_and(|r| r.recovered().is_some()),
         files_hashed: scanned.files_hashed,
         cache_hits: scanned.cache_hits,
-        state_dir: recv.state_dir().display().to_string(),
+        state_dir: state_dir.display().to_string(),
         warnings: scanned.warnings.clone(),
         elapsed_ms: 0,
     };
     if o.dry_run {
         phase.next("planning");
-        let plan = recv.plan(new)?;
+        let plan = sync_core::plan::SyncPlan::build(&committed, new, |_| false)?;
         phase.finish();
         if !o.json {
             print!("{plan}");
@@ -98,9 +110,9 @@ pub fn run(o: PushOptions) -> Outcome {
         report.files_written = plan.files.len() as u64;
         report.bytes_written = plan.file_bytes();
         report.deleted = plan.deletions.len() as u64;
-    } else if !unchanged {
+    } else if let (false, Some(recv)) = (unchanged, recv.as_mut()) {
         phase.next("committing");
-        let s = push_local(new, &o.src, &mut recv, &CommitOptions { owners: o.owners })
+        let s = push_local(new, o.src(), recv, &CommitOptions { owners: o.owners })
             .with_context(|| format!("mirroring into {}", dest.display()))?;
         phase.finish();
         report.files_written = s.files_written;

@@ -134,7 +134,7 @@ fn emit<T: Serialize>(
 
 pub fn push(o: PushOptions) -> Outcome {
     let start = Instant::now();
-    let url = RemoteUrl::parse(&o.dest)?;
+    let url = RemoteUrl::parse(o.dest())?;
     if o.dry_run {
         anyhow::bail!("--dry-run is for local pushes; a remote push plans on the agent");
     }
@@ -144,16 +144,16 @@ pub fn push(o: PushOptions) -> Outcome {
     let cache = if o.no_cache {
         None
     } else {
-        sync_core::cache::default_path(&o.src)
+        sync_core::cache::default_path(o.src())
     };
     let scanned = scan(
-        &o.src,
+        o.src(),
         &CoreScan {
             cache,
             owners: true,
         },
     )
-    .with_context(|| format!("scanning {}", o.src.display()))?;
+    .with_context(|| format!("scanning {}", o.src().display()))?;
     phase.finish();
     let stats = scanned.manifest.stats()?;
     let rt = runtime()?;
@@ -165,10 +165,16 @@ pub fn push(o: PushOptions) -> Outcome {
     };
     let manifest = scanned.manifest.clone();
     let res = rt.block_on(client::push(
-        addr, &url.tree, &id, peer, manifest, &o.src, opts,
+        addr,
+        &url.tree,
+        &id,
+        peer,
+        manifest,
+        o.src(),
+        opts,
     ));
     bar.finish();
-    let out: RemoteOutcome = res.with_context(|| format!("pushing to {}", o.dest))?;
+    let out: RemoteOutcome = res.with_context(|| format!("pushing to {}", o.dest()))?;
     let s = out.result.as_ref().unwrap_or(&out.partial);
     let report = PushReport {
         ok: out.result.is_ok(),
@@ -206,7 +212,7 @@ pub fn push(o: PushOptions) -> Outcome {
     }
     match out.result {
         Ok(_) => Ok(0),
-        Err(e) => Err(anyhow!(e).context(format!("pushing to {}", o.dest))),
+        Err(e) => Err(anyhow!(e).context(format!("pushing to {}", o.dest()))),
     }
 }
 

@@ -81,6 +81,10 @@ pub struct ScanOutcome {
     pub dirs: DirIndex,
     /// Directories listed by this scan (all of them for a full scan).
     pub dirs_listed: u64,
+    /// Directories a [`rescan`] found that the previous scan did not have.
+    /// A watcher may have started watching them only after some of their
+    /// entries were written, so they should be rescanned once more.
+    pub new_dirs: Vec<Vec<u8>>,
 }
 
 /// What identifies a directory's listing: its entry set changes only with
@@ -112,6 +116,7 @@ struct Ctx<'a> {
     root: PathBuf,
     reuse: Option<Reuse<'a>>,
     dirs: Mutex<DirIndex>,
+    new_dirs: Mutex<Vec<Vec<u8>>>,
     listed: AtomicU64,
     cache: HashCache,
     save_cache: bool,
@@ -199,6 +204,7 @@ fn scan_with(
         root: root.to_path_buf(),
         reuse,
         dirs: Mutex::new(HashMap::new()),
+        new_dirs: Mutex::new(Vec::new()),
         listed: AtomicU64::new(0),
         cache: opts
             .cache
@@ -256,6 +262,7 @@ fn scan_with(
         cache_hits: ctx.hits.into_inner(),
         dirs: ctx.dirs.into_inner().unwrap(),
         dirs_listed: ctx.listed.into_inner(),
+        new_dirs: ctx.new_dirs.into_inner().unwrap(),
     })
 }
 
@@ -401,6 +408,13 @@ fn scan_entry(
                 Some(tree) => tree,
                 None => {
                     ctx.dirs.lock().unwrap().insert(rel.clone(), stamp);
+                    if ctx
+                        .reuse
+                        .as_ref()
+                        .is_some_and(|r| !r.dirs.contains_key(&rel))
+                    {
+                        ctx.new_dirs.lock().unwrap().push(rel.clone());
+                    }
                     scan_dir(ctx, fd, &rel, depth + 1)?
                 }
             };
@@ -702,6 +716,8 @@ mod tests {
         // root, repos, repos/3, repos/3/4 and the new directory.
         assert_eq!(inc.dirs_listed, 5);
         assert_eq!(inc.dirs.len(), again.dirs.len());
+        assert_eq!(inc.new_dirs, vec![b"repos/3/4/new".to_vec()]);
+        assert!(again.new_dirs.is_empty(), "a full scan reports none");
 
         // A directory whose listing changed without an event is noticed
         // when its parent is listed.

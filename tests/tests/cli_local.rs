@@ -449,7 +449,7 @@ fn dry_run_prints_the_plan_and_changes_nothing() {
 }
 
 #[test]
-#[ignore = "bug: push --dry-run creates DEST and its state dir (Receiver::open in sync-core/src/commit.rs:158 runs create_dir + StateDir::open before the dry-run branch in sync-cli/src/push.rs)"]
+
 fn dry_run_into_a_missing_dest_creates_nothing() {
     let env = Env::new();
     let src = env.path("src");

@@ -1,0 +1,274 @@
+//! Continuous mirroring end to end with the real binaries on 127.0.0.1: a
+//! `sync-agent watch` source feeding two `sync-agent serve` mirrors while
+//! the tree evolves and readers poll each mirror's `current`; then one
+//! mirror is stopped, misses builds, and catches up when it comes back.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sync_tests::bins::{sync_agent, sync_cli};
+use sync_tests::gen::{DlrnSpec, DlrnTree};
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn keygen(dir: &Path) -> String {
+    let out = Command::new(sync_cli())
+        .args(["keygen", "--json", "--out"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["fingerprint"].as_str().unwrap().to_string()
+}
+
+/// Start a mirror agent; returns it and its address.
+fn sink(work: &Path, name: &str, listen: &str, allow: &str) -> (Proc, String) {
+    let mut child = Command::new(sync_agent())
+        .args(["serve", "--listen", listen, "--allow", allow, "--identity"])
+        .arg(work.join(name))
+        .arg("--tree")
+        .arg(format!(
+            "rdo={}",
+            work.join(format!("{name}-tree")).display()
+        ))
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(work.join(format!("{name}.log"))).unwrap())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .split_whitespace()
+        .nth(2)
+        .unwrap_or_else(|| panic!("agent not ready: {line:?}"))
+        .to_string();
+    (Proc(child), addr)
+}
+
+fn status(ctl: &Path) -> serde_json::Value {
+    let out = Command::new(sync_cli())
+        .arg("--control")
+        .arg(ctl)
+        .args(["status", "--json"])
+        .output()
+        .unwrap();
+    serde_json::from_slice(&out.stdout).unwrap_or_default()
+}
+
+/// Wait until every peer (or the one at `index`) holds the tree's root.
+fn wait_current(ctl: &Path, index: Option<usize>, timeout: Duration) {
+    let end = Instant::now() + timeout;
+    loop {
+        let s = status(ctl);
+        let t = &s["trees"][0];
+        let root = &t["root"];
+        let peers = t["peers"].as_array().cloned().unwrap_or_default();
+        let ok = !root.is_null()
+            && peers
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| index.is_none_or(|x| x == *i))
+                .all(|(_, p)| &p["committed_root"] == root);
+        if ok {
+            return;
+        }
+        assert!(Instant::now() < end, "mirrors did not catch up: {s}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Is the repository behind `mirror/current` complete, as a dnf client
+/// would see it? `repodata/repomd.xml` must exist and every file it names
+/// must be there with the size it states, and every file the source's copy
+/// of the build holds (build directories never change once written) must
+/// be there with the same content. `None` when it cannot be judged.
+fn current_is_complete(mirror: &Path, src: &Path) -> Option<bool> {
+    let target = std::fs::read_link(mirror.join("current")).ok()?;
+    let have = mirror.join(&target);
+    let Ok(repomd) = std::fs::read_to_string(have.join("repodata/repomd.xml")) else {
+        eprintln!("no repomd.xml behind current -> {}", target.display());
+        return Some(false);
+    };
+    let mut href = None;
+    for line in repomd.lines() {
+        let line = line.trim();
+        if let Some(h) = line.strip_prefix("<location href=\"") {
+            href = h.strip_suffix("\"/>").map(str::to_string);
+        } else if let Some(n) = line.strip_prefix("<size>") {
+            let size: u64 = n.strip_suffix("</size>")?.parse().ok()?;
+            let h = href.take()?;
+            if std::fs::metadata(have.join(&h)).map(|m| m.len()).ok() != Some(size) {
+                eprintln!("repomd.xml names {h} but it is missing or short");
+                return Some(false);
+            }
+        }
+    }
+    for e in std::fs::read_dir(src.join(&target)).ok()?.flatten() {
+        if e.file_type().ok()?.is_file() && e.file_name().to_string_lossy().ends_with(".rpm") {
+            let exp = std::fs::read(e.path()).ok()?;
+            match std::fs::read(have.join(e.file_name())) {
+                Ok(got) if blake3::hash(&got) == blake3::hash(&exp) => {}
+                _ => {
+                    eprintln!(
+                        "{} is missing or differs",
+                        have.join(e.file_name()).display()
+                    );
+                    return Some(false);
+                }
+            }
+        }
+    }
+    Some(true)
+}
+
+fn diff_clean(a: &Path, b: &Path) {
+    let out = Command::new("diff")
+        .args(["-r", "--no-dereference"])
+        .arg(a)
+        .arg(b)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{} and {} differ:\n{}",
+        a.display(),
+        b.display(),
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+fn a_watched_tree_reaches_two_mirrors_and_current_is_never_broken() {
+    let work_dir = tempfile::tempdir().unwrap();
+    let work = work_dir.path();
+    let src: PathBuf = work.join("builder-tree");
+    let mut tree = DlrnTree::create(
+        &src,
+        DlrnSpec {
+            seed: 7,
+            projects: 12,
+            builds: 14,
+            keep_builds: 10,
+            scale: 0.01,
+        },
+    )
+    .unwrap();
+    let builder = keygen(&work.join("builder"));
+    let fp1 = keygen(&work.join("m1"));
+    let fp2 = keygen(&work.join("m2"));
+    let allow = format!("{builder}:push");
+    let (_m1, a1) = sink(work, "m1", "127.0.0.1:0", &allow);
+    let (m2, a2) = sink(work, "m2", "127.0.0.1:0", &allow);
+    let ctl = work.join("ctl.sock");
+    let mut source = Command::new(sync_agent());
+    source
+        .arg("watch")
+        .arg(&src)
+        .args(["--to", &format!("quic://{a1}/rdo"), "--peer", &fp1])
+        .args(["--to", &format!("quic://{a2}/rdo"), "--peer", &fp2])
+        .arg("--identity")
+        .arg(work.join("builder"))
+        .arg("--control")
+        .arg(&ctl)
+        .arg("--cache")
+        .arg(work.join("hash.cache"))
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(work.join("source.log")).unwrap());
+    let _source = Proc(source.spawn().unwrap());
+    let (t1, t2) = (work.join("m1-tree"), work.join("m2-tree"));
+    wait_current(&ctl, None, Duration::from_secs(60));
+    diff_clean(&src, &t1);
+
+    // Readers poll both mirrors while the builder keeps building.
+    let stop = Arc::new(AtomicBool::new(false));
+    let reads = Arc::new(AtomicU64::new(0));
+    let broken = Arc::new(AtomicU64::new(0));
+    let readers: Vec<_> = [t1.clone(), t2.clone()]
+        .into_iter()
+        .map(|m| {
+            let (stop, reads, broken, src) =
+                (stop.clone(), reads.clone(), broken.clone(), src.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match current_is_complete(&m, &src) {
+                        Some(true) => {
+                            reads.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Some(false) => {
+                            broken.fetch_add(1, Ordering::Relaxed);
+                        }
+                        None => {}
+                    }
+                }
+            })
+        })
+        .collect();
+    for _ in 0..12 {
+        tree.evolve(1).unwrap();
+        std::thread::sleep(Duration::from_millis(120));
+    }
+    let out = Command::new(sync_cli())
+        .arg("--control")
+        .arg(&ctl)
+        .args(["push", "--wait", "rdo"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "push --wait failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stop.store(true, Ordering::Relaxed);
+    for r in readers {
+        r.join().unwrap();
+    }
+    let (reads, broken) = (
+        reads.load(Ordering::Relaxed),
+        broken.load(Ordering::Relaxed),
+    );
+    assert!(reads > 20, "readers judged only {reads} reads");
+    assert_eq!(
+        broken, 0,
+        "{broken} of {reads} reads saw an incomplete current"
+    );
+    diff_clean(&src, &t1);
+    diff_clean(&src, &t2);
+
+    // Mirror 2 goes away: mirror 1 stays current, push --wait says so.
+    drop(m2);
+    tree.evolve(3).unwrap();
+    let out = Command::new(sync_cli())
+        .arg("--control")
+        .arg(&ctl)
+        .args(["push", "--wait", "rdo", "--json"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "a dead mirror must fail push --wait");
+    wait_current(&ctl, Some(0), Duration::from_secs(30));
+    diff_clean(&src, &t1);
+
+    // It comes back on the same address and catches up with one sync.
+    let (_m2, _) = sink(work, "m2", &a2, &allow);
+    wait_current(&ctl, None, Duration::from_secs(90));
+    diff_clean(&src, &t2);
+}
