@@ -758,7 +758,7 @@ mod tests {
         use std::os::unix::fs::FileExt;
         let d = tempfile::tempdir().unwrap();
         let path = d.path().join("busy");
-        let len = 3 << 20;
+        let len = 1 << 20;
         let (a, b) = (vec![b'a'; len], vec![b'b'; len]);
         std::fs::write(&path, &a).unwrap();
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -768,17 +768,26 @@ mod tests {
                 let f = std::fs::File::options().write(true).open(&path).unwrap();
                 let mut n = 0u64;
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    // Rewrite in place, in pieces, so a reader can meet a mix.
-                    let src = if n % 2 == 0 { &b } else { &a };
-                    for (i, piece) in src.chunks(64 << 10).enumerate() {
-                        f.write_all_at(piece, (i << 16) as u64).unwrap();
-                    }
+                    // Rewrite in place with one call: the file rests
+                    // between rewrites or, if the writer is preempted, at a
+                    // page boundary of one rewrite.
+                    let src = if n.is_multiple_of(2) { &b } else { &a };
+                    f.write_all_at(src, 0).unwrap();
                     n += 1;
                 }
                 n
             })
         };
-        let valid = [FileHash::of(&a), FileHash::of(&b)];
+        // The states the file can rest in: one rewrite, stopped at a page
+        // boundary. A read torn across rewrites has more than one boundary.
+        let mut valid = std::collections::HashSet::new();
+        for k in (0..=len).step_by(4096) {
+            for (x, y) in [(&a, &b), (&b, &a)] {
+                let mut v = x[..k].to_vec();
+                v.extend_from_slice(&y[k..]);
+                valid.insert(FileHash::of(&v));
+            }
+        }
         let (mut ok, mut changing) = (0, 0);
         for _ in 0..40 {
             match scan(d.path(), &ScanOptions::default()) {
