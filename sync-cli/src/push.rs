@@ -62,6 +62,33 @@ pub fn run(o: PushOptions) -> Outcome {
         Some(s) => s.clone(),
         None => sync_core::state::default_state_dir(&dest)?,
     };
+    if !o.dry_run
+        && sync_core::state::peek_committed_root(&state_dir) == Some(scanned.manifest.root())
+    {
+        // Unchanged: the roots compare equal, nothing to open or lock.
+        phase.finish();
+        let root = scanned.manifest.snapshot().to_hex();
+        let report = Report {
+            previous_root: root.clone(),
+            root,
+            unchanged: true,
+            dry_run: false,
+            files_written: 0,
+            bytes_written: 0,
+            dirs_created: 0,
+            symlinks: 0,
+            hardlinks: 0,
+            metadata: 0,
+            deleted: 0,
+            rolled_forward: false,
+            files_hashed: scanned.files_hashed,
+            cache_hits: scanned.cache_hits,
+            state_dir: state_dir.display().to_string(),
+            warnings: scanned.warnings,
+            elapsed_ms: start.elapsed().as_millis(),
+        };
+        return emit(&o, &report);
+    }
     // A dry run reads the committed manifest without locking, creating or
     // rolling forward anything.
     let (mut recv, committed) = if o.dry_run {
@@ -126,13 +153,17 @@ pub fn run(o: PushOptions) -> Outcome {
         phase.finish();
     }
     report.elapsed_ms = start.elapsed().as_millis();
+    emit(&o, &report)
+}
+
+fn emit(o: &PushOptions, report: &Report) -> Outcome {
     let mut out = std::io::stdout().lock();
     if o.json {
-        serde_json::to_writer(&mut out, &report)?;
+        serde_json::to_writer(&mut out, report)?;
         writeln!(out)?;
     } else {
         let verb = if o.dry_run { "would write" } else { "wrote" };
-        if unchanged {
+        if report.unchanged {
             writeln!(out, "unchanged  {}", report.root)?;
         } else {
             writeln!(

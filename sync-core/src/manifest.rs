@@ -597,6 +597,14 @@ impl Manifest {
         out
     }
 
+    /// The root named by the first 38 bytes of a stored manifest.
+    pub fn header_root(head: &[u8]) -> Option<TreeId> {
+        let version = u16::from_le_bytes(head.get(4..6)?.try_into().ok()?);
+        (head.get(..4)? == MANIFEST_MAGIC && version == MANIFEST_VERSION)
+            .then(|| Some(TreeId(head.get(6..38)?.try_into().ok()?)))
+            .flatten()
+    }
+
     /// Decode a stored manifest, checking every tree against its id.
     pub fn decode(bytes: &[u8]) -> Result<Manifest, ManifestError> {
         let mut r = Reader(bytes);

@@ -38,6 +38,19 @@ pub fn peek_manifest(path: &Path) -> Result<Manifest, StateError> {
     }
 }
 
+/// The root of the committed manifest in the state directory `path`, read
+/// from its header alone, if there is one and no commit is pending (no
+/// journal): lets an unchanged push stop after comparing roots.
+pub fn peek_committed_root(path: &Path) -> Option<crate::hash::TreeId> {
+    if path.join("journal").exists() {
+        return None;
+    }
+    let mut head = [0u8; 38];
+    let mut f = File::open(path.join("manifest")).ok()?;
+    std::io::Read::read_exact(&mut f, &mut head).ok()?;
+    Manifest::header_root(&head)
+}
+
 /// Why the state directory could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
