@@ -63,7 +63,7 @@ struct ServeOptions {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.verbose);
+    sync_agent::init_logging(cli.verbose);
     let o = match cli.command {
         Command::Serve(o) => o,
         Command::Watch(o) => {
@@ -297,18 +297,4 @@ fn spawn_signal_handler(tx: tokio::sync::watch::Sender<bool>) {
         tracing::info!("signal received, shutting down");
         let _ = tx.send(true);
     });
-}
-
-fn init_logging(verbose: u8) {
-    let default = match verbose {
-        0 => "warn",
-        1 => "info",
-        _ => "debug",
-    };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
 }

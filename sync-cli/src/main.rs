@@ -199,7 +199,7 @@ pub struct ScanOptions {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.verbose);
+    sync_agent::init_logging(cli.verbose);
     let result = match cli.command {
         Command::Scan(o) => scan::run(o),
         Command::Push(o) => match &o.wait {
@@ -213,18 +213,4 @@ fn main() -> ExitCode {
         Command::Fingerprint(o) => keygen::fingerprint(o),
     };
     exit::report(result)
-}
-
-fn init_logging(verbose: u8) {
-    let default = match verbose {
-        0 => "warn",
-        1 => "info",
-        _ => "debug",
-    };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
 }
