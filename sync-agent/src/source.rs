@@ -169,7 +169,10 @@ pub async fn run(
     let mut waiting: Vec<PublishRequest> = Vec::new();
     loop {
         let now = Instant::now();
-        let batch = if now >= next_full || !waiting.is_empty() {
+        // A publish request forces a full scan, unless changes are still
+        // arriving: then the quiet period comes first, whatever asks.
+        let pending = hints.debouncer.lock().unwrap().is_pending();
+        let batch = if now >= next_full || (!waiting.is_empty() && !pending) {
             // Drop what the watcher gathered: a full scan covers it.
             let _ = hints
                 .debouncer
