@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 use quinn::{Connection, RecvStream, SendStream};
 use sync_core::commit::{CommitOptions, Receiver};
 use sync_core::hash::{ChunkId, SnapshotId, TreeId};
+use sync_core::manifest::lossy;
 use sync_core::safefs::Root;
-use sync_core::scan::display_rel as lossy;
 use sync_core::session::{
     ChunkLocator, SessionError, SinkEvent, SinkSession, SourceEvent, SourceSession, Summary,
 };

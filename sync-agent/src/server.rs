@@ -7,13 +7,12 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use quinn::{Connection, Endpoint, RecvStream, SendStream};
 use sync_core::commit::{CommitError, CommitOptions, Receiver};
-use sync_core::manifest::Manifest;
 use sync_core::safefs::Root;
 use sync_core::session::{
     accept, reject, ChunkLocator, SinkOptions, SinkSession, SourceOptions, SourceSession,
@@ -331,19 +330,10 @@ async fn refuse_link(link: Link, frame: Frame) {
 
 /// The committed manifest, read without taking the tree's lock (the file
 /// is replaced atomically, so a running push cannot tear it).
-fn committed_manifest(state: &Path) -> Result<Manifest, String> {
-    let p = state.join("manifest");
-    match std::fs::read(&p) {
-        Ok(b) => Manifest::decode(&b).map_err(|e| format!("{}: {e}", p.display())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Manifest::empty()),
-        Err(e) => Err(format!("cannot read {}: {e}", p.display())),
-    }
-}
-
 async fn serve_pull(tree: &ServedTree, link: Link, opts: DriveOptions) -> Result<(), String> {
     let (dest, state) = (tree.dest.clone(), tree.state.clone());
     let loaded = tokio::task::spawn_blocking(move || {
-        let m = committed_manifest(&state)?;
+        let m = sync_core::state::peek_manifest(&state).map_err(|e| e.to_string())?;
         let locator = ChunkLocator::build(&m).map_err(|e| e.to_string())?;
         let root = Root::open(&dest).map_err(|e| e.to_string())?;
         Ok::<_, String>((m, locator, root))

@@ -34,6 +34,20 @@ struct Report {
     elapsed_ms: u128,
 }
 
+/// Scan SRC with its hash cache (unless --no-cache), for a local or remote push.
+pub fn scan_source(o: &PushOptions) -> anyhow::Result<sync_core::scan::ScanOutcome> {
+    let cache = if o.no_cache {
+        None
+    } else {
+        sync_core::cache::default_path(o.src())
+    };
+    let opts = CoreScan {
+        cache,
+        owners: true,
+    };
+    scan(o.src(), &opts).with_context(|| format!("scanning {}", o.src().display()))
+}
+
 pub fn run(o: PushOptions) -> Outcome {
     if o.dest().starts_with("quic://") {
         return crate::remote::push(o);
@@ -44,19 +58,7 @@ pub fn run(o: PushOptions) -> Outcome {
     let start = Instant::now();
     let dest = std::path::PathBuf::from(o.dest());
     let phase = Phase::start(!o.json, "scanning source");
-    let cache = if o.no_cache {
-        None
-    } else {
-        sync_core::cache::default_path(o.src())
-    };
-    let scanned = scan(
-        o.src(),
-        &CoreScan {
-            cache,
-            owners: true,
-        },
-    )
-    .with_context(|| format!("scanning {}", o.src().display()))?;
+    let scanned = scan_source(&o)?;
     phase.next("opening destination");
     let state_dir = match &o.state {
         Some(s) => s.clone(),

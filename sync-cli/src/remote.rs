@@ -16,7 +16,6 @@ use sync_agent::client::{self, RemoteOutcome, RemoteUrl};
 use sync_agent::driver::{DriveOptions, Progress};
 use sync_agent::identity::{Fingerprint, Identity};
 use sync_core::commit::{CommitOptions, Receiver};
-use sync_core::scan::{scan, ScanOptions as CoreScan};
 
 use crate::exit::Outcome;
 use crate::progress::Phase;
@@ -141,19 +140,7 @@ pub fn push(o: PushOptions) -> Outcome {
     let (id, peer) = credentials(&o.identity, &o.peer)?;
     let addr = url.resolve()?;
     let phase = Phase::start(!o.json, "scanning source");
-    let cache = if o.no_cache {
-        None
-    } else {
-        sync_core::cache::default_path(o.src())
-    };
-    let scanned = scan(
-        o.src(),
-        &CoreScan {
-            cache,
-            owners: true,
-        },
-    )
-    .with_context(|| format!("scanning {}", o.src().display()))?;
+    let scanned = crate::push::scan_source(&o)?;
     phase.finish();
     let stats = scanned.manifest.stats()?;
     let rt = runtime()?;

@@ -294,7 +294,8 @@ fn validate_entry(e: &Entry) -> Result<(), ManifestError> {
     Ok(())
 }
 
-pub(crate) fn lossy(b: &[u8]) -> String {
+/// Show raw name bytes for humans (invalid UTF-8 replaced).
+pub fn lossy(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 

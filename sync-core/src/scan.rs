@@ -25,7 +25,7 @@ use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 use crate::cache::{self, HashCache, StatKey};
 use crate::chunk::{chunk_reader, ChunkRef, Content};
 use crate::hash::{FileHash, TreeId};
-use crate::manifest::{join, lossy, Entry, Kind, Manifest, ManifestError, Tree, MAX_DEPTH};
+use crate::manifest::{join, Entry, Kind, Manifest, ManifestError, Tree, MAX_DEPTH};
 
 /// Larger files get a sequential read-ahead hint.
 const READ_AHEAD_MIN: u64 = 1 << 20;
@@ -586,11 +586,6 @@ fn resolve_hard_links(m: &mut Manifest, links: LinkGroups) -> Result<(), ScanErr
     }
     m.gc();
     Ok(())
-}
-
-/// Show a relative path for humans.
-pub fn display_rel(rel: &[u8]) -> String {
-    lossy(rel)
 }
 
 #[cfg(test)]
