@@ -50,9 +50,6 @@ impl SourceConfig {
     pub const DEFAULT_RESCAN: Duration = Duration::from_secs(3600);
 }
 
-/// How long after a scan to wait for hints of writes made during it.
-const TORN_GRACE: Duration = Duration::from_millis(15);
-
 /// A published snapshot.
 #[derive(Debug)]
 pub struct Snapshot {
@@ -143,7 +140,7 @@ pub async fn run(
     let hints = Hints::new(cfg.root.clone(), Debouncer::new(cfg.quiet, cfg.max_delay));
     // Watch before the first scan, so no change slips between them.
     let watch_root = hints.clone();
-    let _watch = tokio::task::spawn_blocking(move || Watch::start(watch_root)).await?;
+    let watcher = Arc::new(tokio::task::spawn_blocking(move || Watch::start(watch_root)).await?);
 
     let (snap_tx, snap_rx) = watch::channel::<Option<Arc<Snapshot>>>(None);
     let mut peers = Vec::new();
@@ -188,22 +185,27 @@ pub async fn run(
                 next_full = Instant::now() + cfg.rescan_interval;
             }
             let started = Instant::now();
-            let changes_before = hints.changes.load(std::sync::atomic::Ordering::SeqCst);
             let root = cfg.root.clone();
             let opts = scan_opts.clone();
             let prev = last.take();
             let b = batch.clone();
-            let (result, prev) = tokio::task::spawn_blocking(move || {
+            let w = watcher.clone();
+            let h = hints.clone();
+            let (result, prev, changes_before) = tokio::task::spawn_blocking(move || {
+                // Hints of changes made before the scan starts belong to this
+                // batch or the next, not to the torn test.
+                w.sync();
+                let before = h.changes.load(std::sync::atomic::Ordering::SeqCst);
                 let r = match (&b, &prev) {
                     (Batch::Dirs(dirs), Some(p)) => rescan(&root, &opts, p, dirs),
                     _ => scan(&root, &opts),
                 };
-                (r, prev)
+                // Every change made during the scan is a hint once this returns.
+                w.sync();
+                (r, prev, before)
             })
             .await?;
             let ms = started.elapsed().as_millis() as u64;
-            // Hints of writes made during the scan arrive a moment later.
-            tokio::time::sleep(TORN_GRACE).await;
             let torn = hints.changes.load(std::sync::atomic::Ordering::SeqCst) != changes_before;
             let result = match result {
                 // The scan may mix a half-written build with a flipped

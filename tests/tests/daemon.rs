@@ -99,13 +99,27 @@ fn wait_current(ctl: &Path, index: Option<usize>, timeout: Duration) {
 /// would see it? `repodata/repomd.xml` must exist and every file it names
 /// must be there with the size it states, and every file the source's copy
 /// of the build holds (build directories never change once written) must
-/// be there with the same content. `None` when it cannot be judged.
+/// be there with the same content. `None` when it cannot be judged: in
+/// particular when the build was purged at the source meanwhile (a mirror
+/// that falls several builds behind catches up in one commit, which may
+/// flip `current` away from a build and purge it between the reader's
+/// `readlink` and its reads, exactly as the builder itself did).
 fn current_is_complete(mirror: &Path, src: &Path) -> Option<bool> {
     let target = std::fs::read_link(mirror.join("current")).ok()?;
-    let have = mirror.join(&target);
+    match judge(mirror, src, &target)? {
+        Ok(()) => Some(true),
+        Err(_) if !src.join(&target).exists() => None,
+        Err(why) => {
+            eprintln!("current -> {}: {why}", target.display());
+            Some(false)
+        }
+    }
+}
+
+fn judge(mirror: &Path, src: &Path, target: &Path) -> Option<Result<(), String>> {
+    let have = mirror.join(target);
     let Ok(repomd) = std::fs::read_to_string(have.join("repodata/repomd.xml")) else {
-        eprintln!("no repomd.xml behind current -> {}", target.display());
-        return Some(false);
+        return Some(Err("no repodata/repomd.xml".into()));
     };
     let mut href = None;
     for line in repomd.lines() {
@@ -116,27 +130,27 @@ fn current_is_complete(mirror: &Path, src: &Path) -> Option<bool> {
             let size: u64 = n.strip_suffix("</size>")?.parse().ok()?;
             let h = href.take()?;
             if std::fs::metadata(have.join(&h)).map(|m| m.len()).ok() != Some(size) {
-                eprintln!("repomd.xml names {h} but it is missing or short");
-                return Some(false);
+                return Some(Err(format!(
+                    "repomd.xml names {h} but it is missing or short"
+                )));
             }
         }
     }
-    for e in std::fs::read_dir(src.join(&target)).ok()?.flatten() {
+    for e in std::fs::read_dir(src.join(target)).ok()?.flatten() {
         if e.file_type().ok()?.is_file() && e.file_name().to_string_lossy().ends_with(".rpm") {
             let exp = std::fs::read(e.path()).ok()?;
             match std::fs::read(have.join(e.file_name())) {
                 Ok(got) if blake3::hash(&got) == blake3::hash(&exp) => {}
                 _ => {
-                    eprintln!(
+                    return Some(Err(format!(
                         "{} is missing or differs",
-                        have.join(e.file_name()).display()
-                    );
-                    return Some(false);
+                        e.file_name().to_string_lossy()
+                    )))
                 }
             }
         }
     }
-    Some(true)
+    Some(Ok(()))
 }
 
 fn diff_clean(a: &Path, b: &Path) {
