@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 
 use super::measure::{run, run_shell, sync, Run, Samples};
 use super::report::{Check, Row, Table};
@@ -573,6 +573,413 @@ fn push_local_suite(ctx: &Ctx) -> Result<Table> {
     })
 }
 
-fn quic_suite(_ctx: &Ctx) -> Result<Table> {
-    bail!("the quic suite is not implemented yet (extension point: Suite::Quic)")
+/// A child process killed when dropped (agents and daemons).
+struct Daemon(std::process::Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn keygen(ctx: &Ctx, dir: &Path) -> Result<String> {
+    remove(dir)?;
+    let v = run(ctx.cli(["keygen", "--json", "--out"]).arg(dir))?.json()?;
+    Ok(v["fingerprint"]
+        .as_str()
+        .context("keygen printed no fingerprint")?
+        .to_string())
+}
+
+/// `sync-agent serve` for one tree on 127.0.0.1; returns it and its address.
+fn start_agent(ctx: &Ctx, dest: &Path, ident: &Path, allow: &str) -> Result<(Daemon, String)> {
+    use std::io::BufRead;
+    let log = std::fs::File::create(ctx.path("agent.log"))?;
+    let mut child = Command::new(bins::sync_agent())
+        .args(["serve", "--listen", "127.0.0.1:0", "--allow", allow])
+        .arg("--identity")
+        .arg(ident)
+        .arg("--tree")
+        .arg(format!("rdo={}", dest.display()))
+        .env_remove("RUST_LOG")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .context("spawn sync-agent")?;
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
+    let d = Daemon(child);
+    let addr = line
+        .split_whitespace()
+        .nth(2)
+        .with_context(|| format!("sync-agent did not start: {line:?}"))?
+        .to_string();
+    Ok((d, addr))
+}
+
+/// An rsync daemon on 127.0.0.1 serving `module` (writable) at `path`.
+fn start_rsyncd(ctx: &Ctx, path: &Path) -> Result<(Daemon, u16)> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let conf = ctx.path("rsyncd.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "use chroot = no\nmax connections = 4\npid file = {}\n[mirror]\n  path = {}\n  read only = no\n  uid = 0\n  gid = 0\n",
+            ctx.path("rsyncd.pid").display(),
+            path.display()
+        ),
+    )?;
+    let _ = std::fs::remove_file(ctx.path("rsyncd.pid"));
+    let child = Command::new("rsync")
+        .args(["--daemon", "--no-detach", "--address", "127.0.0.1"])
+        .arg(format!("--port={port}"))
+        .arg(format!("--config={}", conf.display()))
+        .arg(format!("--log-file={}", ctx.path("rsyncd.log").display()))
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .context("spawn rsync --daemon")?;
+    let d = Daemon(child);
+    let end = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        ensure!(
+            Instant::now() < end,
+            "rsync daemon did not listen on {port}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok((d, port))
+}
+
+/// `Total bytes sent: 1,234` and `... received: ...` of `rsync --stats`.
+fn rsync_wire(stdout: &[u8]) -> Result<u64> {
+    let text = String::from_utf8_lossy(stdout);
+    let mut total = 0;
+    let mut found = 0;
+    for line in text.lines() {
+        for key in ["Total bytes sent:", "Total bytes received:"] {
+            if let Some(v) = line.strip_prefix(key) {
+                total += v.trim().replace(',', "").parse::<u64>()?;
+                found += 1;
+            }
+        }
+    }
+    ensure!(
+        found == 2,
+        "no byte totals in rsync --stats output:\n{text}"
+    );
+    Ok(total)
+}
+
+/// Size of every distinct file content (by BLAKE3) below `root`.
+fn contents(root: &Path) -> Result<std::collections::HashMap<[u8; 32], u64>> {
+    let mut m = std::collections::HashMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d)? {
+            let e = e?;
+            let ft = e.file_type()?;
+            if ft.is_dir() {
+                stack.push(e.path());
+            } else if ft.is_file() {
+                let mut h = blake3::Hasher::new();
+                h.update_mmap(e.path())?;
+                m.insert(*h.finalize().as_bytes(), e.metadata()?.len());
+            }
+        }
+    }
+    Ok(m)
+}
+
+/// Samples of wire bytes, reported beside the times.
+fn bytes_note(ours: &[u64], peer: &[u64]) -> String {
+    let med = |v: &[u64]| {
+        let mut v = v.to_vec();
+        v.sort_unstable();
+        v.get(v.len() / 2).copied().unwrap_or(0)
+    };
+    format!(
+        "wire: ours {}, rsync {}",
+        human(med(ours)),
+        human(med(peer))
+    )
+}
+
+fn human(b: u64) -> String {
+    if b >= 10 << 20 {
+        format!("{:.1} MB", b as f64 / 1e6)
+    } else if b >= 10 << 10 {
+        format!("{:.1} KB", b as f64 / 1e3)
+    } else {
+        format!("{b} B")
+    }
+}
+
+/// Push over QUIC to a `sync-agent serve` vs `rsync -a` to an rsync daemon,
+/// both on 127.0.0.1 and both into a fresh process per run (started
+/// outside the timing): initial sync, 5 new builds, unchanged tree.
+fn quic_suite(ctx: &Ctx) -> Result<Table> {
+    ensure!(bins::have("rsync"), "rsync is needed for the quic suite");
+    let (mut tree, stats) = ctx.generate("quic-src")?;
+    let src = ctx.path("quic-src");
+    let src_slash = {
+        let mut s = src.clone().into_os_string();
+        s.push("/");
+        s
+    };
+    let d_ours = ctx.path("quic-dst-ours");
+    let d_rsync = ctx.path("quic-dst-rsync");
+    let (b_id, m_id) = (ctx.path("id-builder"), ctx.path("id-mirror"));
+    let builder_fp = keygen(ctx, &b_id)?;
+    let mirror_fp = keygen(ctx, &m_id)?;
+    let allow = format!("{builder_fp}:push");
+    ctx.warm_cache(&src)?;
+    run_shell(FIND_WALK, &[src.as_os_str()])?;
+    run_shell(
+        "find \"$1\" -type f -print0 | xargs -0 cat > /dev/null",
+        &[src.as_os_str()],
+    )?;
+
+    // One run of each side; the receiver is started before the clock.
+    let ours = || -> Result<(f64, u64, serde_json::Value)> {
+        let (_agent, addr) = start_agent(ctx, &d_ours, &m_id, &allow)?;
+        let r = run(ctx
+            .cli(["push", "--json"])
+            .arg(&src)
+            .arg(format!("quic://{addr}/rdo"))
+            .arg("--identity")
+            .arg(&b_id)
+            .args(["--peer", &mirror_fp]))?;
+        let v = r.json()?;
+        let wire = num(&v, "wire_bytes")? + num(&v, "wire_rx_bytes")?;
+        Ok((r.secs, wire, v))
+    };
+    let rsync = || -> Result<(f64, u64)> {
+        std::fs::create_dir_all(&d_rsync)?;
+        let (_d, port) = start_rsyncd(ctx, &d_rsync)?;
+        let r = run(Command::new("rsync")
+            .args(["-a", "--stats"])
+            .arg(&src_slash)
+            .arg(format!("rsync://127.0.0.1:{port}/mirror/")))?;
+        Ok((r.secs, rsync_wire(&r.stdout)?))
+    };
+    let fresh = || -> Result<()> {
+        for d in [&d_ours, &state_of(&d_ours), &d_rsync] {
+            remove(d)?;
+        }
+        sync();
+        Ok(())
+    };
+
+    let (mut init_o, mut init_r) = (Samples::default(), Samples::default());
+    let (mut init_ob, mut init_rb) = (Vec::new(), Vec::new());
+    for r in 0..ctx.o.rounds {
+        eprintln!("bench: quic initial round {}/{}", r + 1, ctx.o.rounds);
+        let go_ours = |s: &mut Samples, b: &mut Vec<u64>| -> Result<()> {
+            fresh()?;
+            let (t, w, v) = ours()?;
+            ensure!(num(&v, "files")? as usize == stats.files, "{v}");
+            s.push(t);
+            b.push(w);
+            Ok(())
+        };
+        let go_rsync = |s: &mut Samples, b: &mut Vec<u64>| -> Result<()> {
+            fresh()?;
+            let (t, w) = rsync()?;
+            s.push(t);
+            b.push(w);
+            Ok(())
+        };
+        if r % 2 == 0 {
+            go_ours(&mut init_o, &mut init_ob)?;
+            go_rsync(&mut init_r, &mut init_rb)?;
+        } else {
+            go_rsync(&mut init_r, &mut init_rb)?;
+            go_ours(&mut init_o, &mut init_ob)?;
+        }
+    }
+    // Both mirrors hold the tree.
+    fresh()?;
+    ours()?;
+    rsync()?;
+    let check = run(Command::new("diff")
+        .args(["-r", "--no-dereference", "-q"])
+        .arg(&src)
+        .arg(&d_ours));
+    ensure!(check.is_ok(), "our mirror differs from the source");
+    sync();
+
+    // Unchanged tree.
+    let (mut un_o, mut un_r, mut un_f) =
+        (Samples::default(), Samples::default(), Samples::default());
+    let (mut un_ob, mut un_rb) = (Vec::new(), Vec::new());
+    for r in 0..ctx.o.rounds {
+        eprintln!("bench: quic unchanged round {}/{}", r + 1, ctx.o.rounds);
+        let mut steps: [u8; 3] = [0, 1, 2];
+        if r % 2 == 1 {
+            steps.reverse();
+        }
+        for s in steps {
+            match s {
+                0 => {
+                    let (t, w, v) = ours()?;
+                    ensure!(v["unchanged"] == true, "not unchanged: {v}");
+                    un_o.push(t);
+                    un_ob.push(w);
+                }
+                1 => {
+                    let (t, w) = rsync()?;
+                    un_r.push(t);
+                    un_rb.push(w);
+                }
+                _ => un_f.push(run_shell(FIND_WALK, &[src.as_os_str()])?.secs),
+            }
+        }
+    }
+
+    // 5 new builds; every round starts from copies of the old mirrors.
+    let base = ctx.path("quic-base");
+    remove(&base)?;
+    std::fs::create_dir_all(&base)?;
+    let mirrors = [d_ours.clone(), state_of(&d_ours), d_rsync.clone()];
+    for d in &mirrors {
+        run(Command::new("mv").arg(d).arg(&base))?;
+    }
+    let restore = || -> Result<()> {
+        for d in &mirrors {
+            remove(d)?;
+            cp_a(&base.join(d.file_name().unwrap()), d)?;
+        }
+        sync();
+        Ok(())
+    };
+    let before = contents(&src)?;
+    for _ in 0..5 {
+        tree.evolve(1)?;
+    }
+    let after_stats = tree_stats(&src)?;
+    let after = contents(&src)?;
+    let new_unique: u64 = after
+        .iter()
+        .filter(|(h, _)| !before.contains_key(*h))
+        .map(|(_, s)| s)
+        .sum();
+    ctx.warm_cache(&src)?;
+    let (mut inc_o, mut inc_r) = (Samples::default(), Samples::default());
+    let (mut inc_ob, mut inc_rb) = (Vec::new(), Vec::new());
+    for r in 0..ctx.o.rounds {
+        eprintln!("bench: quic 5 new builds round {}/{}", r + 1, ctx.o.rounds);
+        let mut steps = [0u8, 1];
+        if r % 2 == 1 {
+            steps.reverse();
+        }
+        for s in steps {
+            restore()?;
+            if s == 0 {
+                let (t, w, v) = ours()?;
+                ensure!(v["unchanged"] == false, "{v}");
+                inc_o.push(t);
+                inc_ob.push(w);
+            } else {
+                let (t, w) = rsync()?;
+                inc_r.push(t);
+                inc_rb.push(w);
+            }
+        }
+    }
+    let check = run(Command::new("diff")
+        .args(["-r", "--no-dereference", "-q"])
+        .arg(&src)
+        .arg(&d_ours));
+    ensure!(
+        check.is_ok(),
+        "our mirror differs from the source after 5 builds"
+    );
+
+    let max_of = |v: &[u64]| v.iter().copied().max().unwrap_or(0) as f64;
+    let mut context = machine_context(ctx.o, &stats);
+    context.push((
+        "transport".into(),
+        "sync-cli push quic://127.0.0.1 to sync-agent serve (mutual TLS) vs rsync -a to rsync --daemon on 127.0.0.1; a fresh receiver process per run, started before the clock; wire bytes: QUIC UDP payload both ways vs rsync's --stats totals".into(),
+    ));
+    context.push((
+        "5 new builds".into(),
+        format!(
+            "evolve 5 → {} entries; {} of new unique file content; source hash cache warm",
+            after_stats.entries(),
+            human(new_unique)
+        ),
+    ));
+    let rows = vec![
+        Row {
+            case: "initial sync".into(),
+            note: bytes_note(&init_ob, &init_rb),
+            ours: init_o,
+            peer_name: "rsync -a to rsync daemon".into(),
+            peer: init_r,
+            target: Some(1.0),
+        },
+        Row {
+            case: "5 new builds".into(),
+            note: bytes_note(&inc_ob, &inc_rb),
+            ours: inc_o,
+            peer_name: "rsync -a to rsync daemon".into(),
+            peer: inc_r,
+            target: Some(0.3),
+        },
+        Row {
+            case: "unchanged tree".into(),
+            note: bytes_note(&un_ob, &un_rb),
+            ours: un_o.clone(),
+            peer_name: "rsync -a to rsync daemon".into(),
+            peer: un_r,
+            target: Some(0.25),
+        },
+        Row {
+            case: "unchanged tree".into(),
+            note: "the stat walk every one-shot push must do".into(),
+            ours: un_o,
+            peer_name: "find -printf walk".into(),
+            peer: un_f,
+            target: None,
+        },
+    ];
+    let checks = vec![
+        Check::at_most(
+            "wire bytes, 5 new builds (max of rounds)",
+            max_of(&inc_ob),
+            "B",
+            1.2 * new_unique as f64 + 65536.0,
+            format!(
+                "limit 1.2 x {} new unique + 64 KiB; rsync sent {}",
+                human(new_unique),
+                human(inc_rb.iter().copied().max().unwrap_or(0))
+            ),
+        ),
+        Check::at_most(
+            "wire bytes, unchanged tree (max of rounds)",
+            max_of(&un_ob),
+            "B",
+            16384.0,
+            format!("rsync: {}", human(un_rb.iter().copied().max().unwrap_or(0))),
+        ),
+    ];
+    let cleanup = if ctx.o.keep {
+        Vec::new()
+    } else {
+        let side = crate::gen::sidecar_path(&src);
+        let mut c = mirrors.to_vec();
+        c.extend([base, src, side, b_id, m_id]);
+        c
+    };
+    Ok(Table {
+        suite: "quic".into(),
+        context,
+        rows,
+        checks,
+        cleanup,
+    })
 }
