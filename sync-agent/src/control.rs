@@ -201,6 +201,16 @@ fn with_lag(s: &TreeStatus) -> TreeStatus {
 pub async fn serve(
     path: &Path,
     control: Arc<Control>,
+    shutdown: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    serve_live(path, watch::channel(control).1, shutdown).await
+}
+
+/// [`serve`] for an agent whose trees change while it runs: each request
+/// sees the latest `Control` sent on the channel.
+pub async fn serve_live(
+    path: &Path,
+    control: watch::Receiver<Arc<Control>>,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
@@ -217,7 +227,7 @@ pub async fn serve(
         tokio::select! {
             r = listener.accept() => {
                 let Ok((stream, _)) = r else { continue };
-                let control = control.clone();
+                let control = control.borrow().clone();
                 tokio::spawn(async move {
                     if let Err(e) = handle(stream, &control).await {
                         tracing::debug!("control connection: {e}");
@@ -375,6 +385,15 @@ pub fn prometheus(control: &Control) -> String {
 pub async fn serve_metrics(
     addr: std::net::SocketAddr,
     control: Arc<Control>,
+    shutdown: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    serve_metrics_live(addr, watch::channel(control).1, shutdown).await
+}
+
+/// [`serve_metrics`] of the latest `Control` sent on the channel.
+pub async fn serve_metrics_live(
+    addr: std::net::SocketAddr,
+    control: watch::Receiver<Arc<Control>>,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
@@ -382,7 +401,7 @@ pub async fn serve_metrics(
         tokio::select! {
             r = listener.accept() => {
                 let Ok((mut s, _)) = r else { continue };
-                let body = prometheus(&control);
+                let body = prometheus(&control.borrow().clone());
                 tokio::spawn(async move {
                     let mut buf = [0u8; 1024];
                     let _ = tokio::time::timeout(Duration::from_secs(2), tokio::io::AsyncReadExt::read(&mut s, &mut buf)).await;

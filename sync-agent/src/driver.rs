@@ -32,6 +32,8 @@ use sync_core::wire::{encode, ErrorCode, Frame, FrameDecoder, WireError};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
+use crate::ratelimit::RateLimit;
+
 /// Data streams a source opens.
 pub const DATA_STREAMS: usize = 4;
 /// Data streams a sink accepts from one peer.
@@ -111,6 +113,9 @@ pub struct DriveOptions {
     pub shutdown: Option<watch::Receiver<bool>>,
     /// Data streams the source opens (0 means [`DATA_STREAMS`]).
     pub data_streams: usize,
+    /// Source: a byte rate every stream of the session (and of any other
+    /// session given the same limit) stays under together.
+    pub rate_limit: Option<Arc<RateLimit>>,
 }
 
 /// The streams of one session.
@@ -268,8 +273,15 @@ async fn accept_data(conn: Connection, tx: mpsc::Sender<Input>) {
     drop(readers);
 }
 
-async fn write_frames(mut send: SendStream, mut rx: mpsc::Receiver<Vec<u8>>) -> Result<(), String> {
+async fn write_frames(
+    mut send: SendStream,
+    mut rx: mpsc::Receiver<Vec<u8>>,
+    limit: Option<Arc<RateLimit>>,
+) -> Result<(), String> {
     while let Some(buf) = rx.recv().await {
+        if let Some(l) = &limit {
+            l.acquire(buf.len()).await;
+        }
         send.write_all(&buf).await.map_err(|e| e.to_string())?;
     }
     let _ = send.finish();
@@ -357,7 +369,12 @@ pub async fn drive_source(
         false,
     )));
     let (ctl_tx, ctl_rx) = mpsc::channel::<Vec<u8>>(WRITE_QUEUE);
-    let mut writers = vec![tokio::spawn(write_frames(link.control_send, ctl_rx))];
+    let limit = opts.rate_limit.clone();
+    let mut writers = vec![tokio::spawn(write_frames(
+        link.control_send,
+        ctl_rx,
+        limit.clone(),
+    ))];
     let n = if opts.data_streams == 0 {
         DATA_STREAMS
     } else {
@@ -369,7 +386,7 @@ pub async fn drive_source(
         match link.conn.open_uni().await {
             Ok(s) => {
                 let (tx, rx) = mpsc::channel::<Vec<u8>>(WRITE_QUEUE);
-                writers.push(tokio::spawn(write_frames(s, rx)));
+                writers.push(tokio::spawn(write_frames(s, rx, limit.clone())));
                 data_tx.push(tx);
             }
             Err(e) => {
@@ -572,7 +589,7 @@ pub async fn drive_sink(
     )));
     let _acceptor = Task(tokio::spawn(accept_data(link.conn.clone(), in_tx)));
     let (ctl_tx, ctl_rx) = mpsc::channel::<Vec<u8>>(WRITE_QUEUE);
-    let writer = tokio::spawn(write_frames(link.control_send, ctl_rx));
+    let writer = tokio::spawn(write_frames(link.control_send, ctl_rx, None));
     let state_dir: PathBuf = io
         .recv
         .lock()

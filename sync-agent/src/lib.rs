@@ -1,12 +1,15 @@
 //! The sync agent as a library: identities, mutual TLS over QUIC, the
-//! session driver, the server and one-shot clients, shared by the
+//! session driver, the server and one-shot clients, the source loop, the
+//! configuration file and the agent that runs one, shared by the
 //! `sync-agent` daemon and by `sync-cli` for push and restore.
 
+pub mod agent;
 pub mod client;
 pub mod config;
 pub mod control;
 pub mod driver;
 pub mod identity;
+pub mod ratelimit;
 pub mod server;
 pub mod source;
 pub mod tls;

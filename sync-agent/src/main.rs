@@ -1,14 +1,19 @@
-//! `sync-agent`: the long-running sync daemon. `serve` receives pushes
-//! into its trees and serves pulls of their committed snapshots over QUIC
-//! with pinned mutual TLS.
+//! `sync-agent`: the long-running sync daemon. `--config FILE` runs every
+//! tree of a TOML file (sink trees served over QUIC with pinned mutual TLS,
+//! source trees watched and pushed to their mirrors) and reloads it on
+//! SIGHUP; `check-config` validates such a file; `serve` and `watch` run
+//! one role from flags.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use sync_agent::config::{parse_allow, parse_tree, Access, AgentConfig, TreeConfig};
+use sync_agent::agent::{self, RunOptions};
+use sync_agent::config::{
+    parse_allow, parse_tree, Access, AgentConfig, Config, ConfigError, Severity, TreeConfig,
+};
 use sync_agent::server::Server;
 
 const AFTER_HELP: &str = "\
@@ -17,19 +22,55 @@ Exit codes:
   1  runtime failure (cannot bind, tree unusable, ...)
   2  bad usage or configuration";
 
-/// The sync daemon: receives pushes into its trees, serves pulls.
+const RUN_HELP: &str = "\
+Signals:
+  SIGHUP          re-read the configuration file: if it has an error, log every
+                  error and keep running; else start added trees, stop removed
+                  ones, restart changed ones, leave the others untouched
+  SIGINT/SIGTERM  shut down gracefully
+
+Exit codes:
+  0  clean shutdown (SIGINT or SIGTERM)
+  1  runtime failure (cannot bind, tree unusable, ...)
+  2  bad usage or configuration";
+
+const CHECK_HELP: &str = "\
+Every error is reported as FILE:LINE:COLUMN: message (warnings say so).
+
+Exit codes:
+  0  the file is valid (warnings allowed); prints a one-line summary
+  2  the file has errors or cannot be read";
+
+/// The sync daemon: mirrors source trees to their mirrors, receives pushes
+/// into sink trees, serves pulls.
 #[derive(Parser, Debug)]
-#[command(name = "sync-agent", version, about, after_help = AFTER_HELP)]
+#[command(
+    name = "sync-agent",
+    version,
+    about,
+    after_help = RUN_HELP,
+    args_conflicts_with_subcommands = true,
+    arg_required_else_help = true
+)]
 struct Cli {
     /// More log output (-v info, -vv debug); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
+    /// Run every tree of this TOML file until SIGINT/SIGTERM; SIGHUP reloads it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run every tree of a TOML file (same as the global --config).
+    #[command(after_help = RUN_HELP)]
+    Run(RunArgs),
+    /// Check a TOML configuration file without starting anything.
+    #[command(after_help = CHECK_HELP)]
+    CheckConfig(CheckArgs),
     /// Serve trees over QUIC until SIGINT/SIGTERM.
     #[command(after_help = AFTER_HELP)]
     Serve(ServeOptions),
@@ -39,8 +80,24 @@ enum Command {
 }
 
 #[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// The TOML configuration (identity, listen, control, metrics, [[tree]]).
+    #[arg(long, value_name = "FILE")]
+    config: PathBuf,
+    /// Print the readiness lines as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+struct CheckArgs {
+    /// The TOML configuration to check.
+    file: PathBuf,
+}
+
+#[derive(clap::Args, Debug)]
 struct ServeOptions {
-    /// TOML configuration (identity, listen, [[tree]] with per-tree allow lists).
+    /// TOML configuration: runs the whole file, as `sync-agent --config`.
     #[arg(long, conflicts_with_all = ["listen", "tree", "identity", "allow"])]
     config: Option<PathBuf>,
     /// Address to listen on (port 0 picks one; the bound address is printed).
@@ -64,9 +121,19 @@ struct ServeOptions {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     sync_agent::init_logging(cli.verbose);
-    let o = match cli.command {
-        Command::Serve(o) => o,
-        Command::Watch(o) => {
+    let (file, json) = match (cli.config, cli.command) {
+        (Some(file), _) => (file, false),
+        (None, Some(Command::Run(r))) => (r.config, r.json),
+        (
+            None,
+            Some(Command::Serve(ServeOptions {
+                config: Some(file),
+                json,
+                ..
+            })),
+        ) => (file, json),
+        (None, Some(Command::CheckConfig(c))) => return ExitCode::from(check_config(&c.file)),
+        (None, Some(Command::Watch(o))) => {
             return match watch(o) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -75,15 +142,63 @@ fn main() -> ExitCode {
                 }
             }
         }
+        (None, Some(Command::Serve(o))) => {
+            let cfg = match config_of(&o) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("sync-agent: error: {e:#}");
+                    return ExitCode::from(2);
+                }
+            };
+            return match serve(cfg, o.json) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("sync-agent: error: {e:#}");
+                    ExitCode::from(1)
+                }
+            };
+        }
+        (None, None) => unreachable!("clap requires --config or a subcommand"),
     };
-    let cfg = match config_of(&o) {
-        Ok(c) => c,
+    run_file(&file, json)
+}
+
+/// `sync-agent --config FILE`: every tree of the file, reloaded on SIGHUP.
+fn run_file(file: &Path, json: bool) -> ExitCode {
+    let config = match Config::load(file) {
+        Ok((c, warnings)) => {
+            for w in warnings {
+                eprintln!("{}", w.in_file(file));
+            }
+            c
+        }
+        Err(e @ ConfigError::Read { .. }) => {
+            eprintln!("sync-agent: error: {e}");
+            return ExitCode::from(2);
+        }
+        Err(ConfigError::File { diagnostics, .. }) => {
+            for d in &diagnostics {
+                eprintln!("{}", d.in_file(file));
+            }
+            eprintln!("sync-agent: {}: invalid configuration", file.display());
+            return ExitCode::from(2);
+        }
         Err(e) => {
-            eprintln!("sync-agent: error: {e:#}");
+            eprintln!("sync-agent: error: {e}");
             return ExitCode::from(2);
         }
     };
-    match serve(cfg, o.json) {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("sync-agent: error: starting the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(agent::run(file.to_path_buf(), config, RunOptions { json })) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("sync-agent: error: {e:#}");
@@ -92,10 +207,42 @@ fn main() -> ExitCode {
     }
 }
 
-fn config_of(o: &ServeOptions) -> anyhow::Result<AgentConfig> {
-    if let Some(path) = &o.config {
-        return Ok(AgentConfig::load(path)?);
+/// `sync-agent check-config FILE`: every error and warning with its
+/// position, then a summary line when valid.
+fn check_config(file: &Path) -> u8 {
+    let text = match std::fs::read_to_string(file) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("sync-agent: error: cannot read {}: {e}", file.display());
+            return 2;
+        }
+    };
+    let checked = Config::check(&text);
+    for d in &checked.diagnostics {
+        eprintln!("{}", d.in_file(file));
     }
+    match &checked.config {
+        Some(c) => {
+            println!("{}: ok: {}", file.display(), c.summary());
+            0
+        }
+        None => {
+            let n = checked
+                .diagnostics
+                .iter()
+                .filter(|d| d.severity == Severity::Error)
+                .count();
+            eprintln!(
+                "{}: {n} error{}",
+                file.display(),
+                if n == 1 { "" } else { "s" }
+            );
+            2
+        }
+    }
+}
+
+fn config_of(o: &ServeOptions) -> anyhow::Result<AgentConfig> {
     let identity = o
         .identity
         .clone()
@@ -240,6 +387,7 @@ fn watch(o: WatchOptions) -> anyhow::Result<()> {
             .cache
             .clone()
             .or_else(|| sync_core::cache::default_path(&o.path)),
+        bandwidth_limit: None,
     };
     let control_path = o.control.clone().unwrap_or_else(control::default_path);
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -3,12 +3,15 @@
 //! authorizes the tree and direction, and drives one session per
 //! connection: a push into the tree's [`Receiver`], or a pull of its
 //! committed snapshot. Graceful shutdown: stop accepting, abort running
-//! sessions (they tell their peers), close the endpoint, wait idle.
+//! sessions (they tell their peers), close the endpoint, wait idle. The
+//! served trees can be replaced while it runs ([`ServerHandle::reconfigure`]):
+//! a removed or changed tree has its sessions stopped as at shutdown, the
+//! others are not touched.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use quinn::{Connection, Endpoint, RecvStream, SendStream};
@@ -57,6 +60,8 @@ pub enum ServerError {
         path: PathBuf,
         source: Box<CommitError>,
     },
+    #[error("tree {name}: {message}")]
+    Worker { name: String, message: String },
 }
 
 struct ServedTree {
@@ -64,13 +69,75 @@ struct ServedTree {
     /// Canonical tree path and its state directory.
     dest: PathBuf,
     state: PathBuf,
+    /// Turns true when the tree is removed or the server shuts down: its
+    /// sessions abort.
+    stop: watch::Sender<bool>,
+    /// Sessions running on the tree.
+    sessions: watch::Sender<usize>,
+}
+
+type Trees = Arc<RwLock<HashMap<String, Arc<ServedTree>>>>;
+/// The identity new handshakes present (a reload may replace it).
+type SharedIdentity = Arc<RwLock<Arc<Identity>>>;
+
+/// Counts a session on its tree while alive.
+struct SessionGuard(Arc<ServedTree>);
+
+impl SessionGuard {
+    fn new(tree: Arc<ServedTree>) -> SessionGuard {
+        tree.sessions.send_modify(|n| *n += 1);
+        SessionGuard(tree)
+    }
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        self.0.sessions.send_modify(|n| *n -= 1);
+    }
+}
+
+/// Check a tree (finishing any interrupted commit). Blocking.
+fn open_tree(t: &TreeConfig) -> Result<ServedTree, ServerError> {
+    let err = |source| ServerError::Tree {
+        name: t.name.clone(),
+        path: t.path.clone(),
+        source: Box::new(source),
+    };
+    // Opening rolls forward a commit a crash interrupted.
+    let recv = Receiver::open(&t.path, t.state.as_deref()).map_err(err)?;
+    if let Some(r) = recv.recovered() {
+        tracing::warn!(tree = %t.name, files = r.files_written, "finished an interrupted commit");
+    }
+    Ok(ServedTree {
+        cfg: t.clone(),
+        dest: recv.dest().to_path_buf(),
+        state: recv.state_dir().to_path_buf(),
+        stop: watch::channel(false).0,
+        sessions: watch::channel(0).0,
+    })
 }
 
 /// A bound, ready server.
 pub struct Server {
     endpoint: Endpoint,
-    trees: Arc<HashMap<String, ServedTree>>,
-    fingerprint: Fingerprint,
+    trees: Trees,
+    identity: SharedIdentity,
+}
+
+/// Changes the trees of a running [`Server`].
+#[derive(Clone)]
+pub struct ServerHandle {
+    endpoint: Endpoint,
+    trees: Trees,
+    identity: SharedIdentity,
+}
+
+/// A served tree as status shows it.
+#[derive(Clone, Debug)]
+pub struct ServedInfo {
+    pub name: String,
+    pub path: PathBuf,
+    pub state: PathBuf,
 }
 
 impl Server {
@@ -81,27 +148,16 @@ impl Server {
             path: cfg.identity.clone(),
             source,
         })?;
+        Server::bind_with(Arc::new(id), cfg)
+    }
+
+    /// [`Server::bind`] with an identity already loaded.
+    pub fn bind_with(identity: Arc<Identity>, cfg: &AgentConfig) -> Result<Server, ServerError> {
         let mut trees = HashMap::new();
         for t in &cfg.trees {
-            let err = |source| ServerError::Tree {
-                name: t.name.clone(),
-                path: t.path.clone(),
-                source: Box::new(source),
-            };
-            // Opening rolls forward a commit a crash interrupted.
-            let recv = Receiver::open(&t.path, t.state.as_deref()).map_err(err)?;
-            if let Some(r) = recv.recovered() {
-                tracing::warn!(tree = %t.name, files = r.files_written, "finished an interrupted commit");
-            }
-            let served = ServedTree {
-                cfg: t.clone(),
-                dest: recv.dest().to_path_buf(),
-                state: recv.state_dir().to_path_buf(),
-            };
-            drop(recv);
-            trees.insert(t.name.clone(), served);
+            trees.insert(t.name.clone(), Arc::new(open_tree(t)?));
         }
-        let server_cfg = tls::server_config(&id, cfg.allowed())?;
+        let server_cfg = tls::server_config(&identity, cfg.allowed())?;
         let endpoint =
             Endpoint::server(server_cfg, cfg.listen).map_err(|source| ServerError::Bind {
                 addr: cfg.listen,
@@ -109,8 +165,8 @@ impl Server {
             })?;
         Ok(Server {
             endpoint,
-            trees: Arc::new(trees),
-            fingerprint: id.fingerprint(),
+            trees: Arc::new(RwLock::new(trees)),
+            identity: Arc::new(RwLock::new(identity)),
         })
     }
 
@@ -119,19 +175,25 @@ impl Server {
     }
 
     pub fn fingerprint(&self) -> Fingerprint {
-        self.fingerprint
+        self.identity.read().expect("identity lock").fingerprint()
+    }
+
+    pub fn handle(&self) -> ServerHandle {
+        ServerHandle {
+            endpoint: self.endpoint.clone(),
+            trees: self.trees.clone(),
+            identity: self.identity.clone(),
+        }
     }
 
     /// Serve until `shutdown` turns true.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let mut conns = JoinSet::new();
-        let sessions_shutdown = shutdown.clone();
         loop {
             tokio::select! {
                 incoming = self.endpoint.accept() => {
                     let Some(incoming) = incoming else { break };
                     let trees = self.trees.clone();
-                    let sd = sessions_shutdown.clone();
                     conns.spawn(async move {
                         let remote = incoming.remote_address();
                         let conn = match incoming.await {
@@ -144,7 +206,7 @@ impl Server {
                         let fp = tls::peer_fingerprint(&conn);
                         let short = fp.map(|f| f.to_string()[..12].to_string()).unwrap_or_default();
                         let span = tracing::info_span!("conn", peer = %remote, fp = %short);
-                        serve_conn(conn, fp, trees, sd).instrument(span).await;
+                        serve_conn(conn, fp, trees).instrument(span).await;
                     });
                 }
                 Some(_) = conns.join_next() => {}
@@ -152,6 +214,9 @@ impl Server {
             }
         }
         tracing::info!("shutting down: no new connections");
+        for t in self.trees.read().expect("trees lock").values() {
+            let _ = t.stop.send(true);
+        }
         let grace = async { while conns.join_next().await.is_some() {} };
         if tokio::time::timeout(SHUTDOWN_GRACE, grace).await.is_err() {
             conns.abort_all();
@@ -173,12 +238,7 @@ async fn refuse(conn: &Connection, mut send: SendStream, frame: Frame) {
     conn.close(1u32.into(), b"refused");
 }
 
-async fn serve_conn(
-    conn: Connection,
-    fp: Option<Fingerprint>,
-    trees: Arc<HashMap<String, ServedTree>>,
-    shutdown: watch::Receiver<bool>,
-) {
+async fn serve_conn(conn: Connection, fp: Option<Fingerprint>, trees: Trees) {
     let (send, mut recv): (SendStream, RecvStream) =
         match tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi()).await {
             Ok(Ok(s)) => s,
@@ -210,7 +270,8 @@ async fn serve_conn(
         Ok(h) => h,
         Err(e) => return refuse(&conn, send, e.to_frame()).await,
     };
-    let Some(tree) = trees.get(&hello.tree) else {
+    let tree = trees.read().expect("trees lock").get(&hello.tree).cloned();
+    let Some(tree) = tree else {
         let f = reject(
             ErrorCode::UnknownTree,
             format!("this agent serves no tree named {:?}", hello.tree),
@@ -249,14 +310,16 @@ async fn serve_conn(
         decoder: dec,
     };
     let opts = DriveOptions {
-        shutdown: Some(shutdown),
+        shutdown: Some(tree.stop.subscribe()),
         ..DriveOptions::default()
     };
     let started = Instant::now();
+    let guard = SessionGuard::new(tree.clone());
     let outcome = match hello.direction {
-        Direction::Push => serve_push(tree, link, opts).instrument(span.clone()).await,
-        Direction::Pull => serve_pull(tree, link, opts).instrument(span.clone()).await,
+        Direction::Push => serve_push(&tree, link, opts).instrument(span.clone()).await,
+        Direction::Pull => serve_pull(&tree, link, opts).instrument(span.clone()).await,
     };
+    drop(guard);
     let _g = span.enter();
     match outcome {
         Ok(()) => tracing::info!(
@@ -354,6 +417,104 @@ async fn serve_pull(tree: &ServedTree, link: Link, opts: DriveOptions) -> Result
     };
     let out = drive_source(session, io, link, opts).await;
     out.result.map(|_| ()).map_err(|e| e.to_string())
+}
+
+impl ServerHandle {
+    /// The trees served now, by name.
+    pub fn trees(&self) -> Vec<ServedInfo> {
+        let mut v: Vec<ServedInfo> = self
+            .trees
+            .read()
+            .expect("trees lock")
+            .values()
+            .map(|t| ServedInfo {
+                name: t.cfg.name.clone(),
+                path: t.cfg.path.clone(),
+                state: t.state.clone(),
+            })
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// Serve `trees` from now on (same listen address; `identity` may be
+    /// new). Trees absent from `trees`, or configured differently, stop
+    /// first: new connections no longer reach them and their sessions
+    /// abort as at shutdown (a commit under way finishes), waited for up
+    /// to the shutdown grace. Then new and changed trees are opened; one
+    /// that cannot be is reported and left out, the others are served.
+    /// With the same identity, unchanged trees and their sessions are not
+    /// touched; a new identity restarts every tree.
+    pub async fn reconfigure(
+        &self,
+        identity: Arc<Identity>,
+        trees: &[TreeConfig],
+    ) -> Vec<(String, Result<(), ServerError>)> {
+        let old_fp = self.identity.read().expect("identity lock").fingerprint();
+        let same_id = identity.fingerprint() == old_fp;
+        let mut stopped = Vec::new();
+        {
+            let mut map = self.trees.write().expect("trees lock");
+            let keep: Vec<String> = map
+                .iter()
+                .filter(|(name, t)| {
+                    same_id && trees.iter().any(|n| &n.name == *name && *n == t.cfg)
+                })
+                .map(|(name, _)| name.clone())
+                .collect();
+            let gone: Vec<String> = map.keys().filter(|n| !keep.contains(n)).cloned().collect();
+            for name in gone {
+                if let Some(t) = map.remove(&name) {
+                    let _ = t.stop.send(true);
+                    stopped.push(t);
+                }
+            }
+        }
+        for t in stopped {
+            let mut n = t.sessions.subscribe();
+            let idle = n.wait_for(|n| *n == 0);
+            if tokio::time::timeout(SHUTDOWN_GRACE, idle).await.is_err() {
+                tracing::warn!(tree = %t.cfg.name, "sessions still running after the grace period");
+            }
+        }
+        let mut results = Vec::new();
+        let current: Vec<String> = self
+            .trees
+            .read()
+            .expect("trees lock")
+            .keys()
+            .cloned()
+            .collect();
+        for t in trees.iter().filter(|t| !current.contains(&t.name)) {
+            let cfg = t.clone();
+            let opened = tokio::task::spawn_blocking(move || open_tree(&cfg)).await;
+            let r = match opened {
+                Ok(Ok(served)) => {
+                    self.trees
+                        .write()
+                        .expect("trees lock")
+                        .insert(t.name.clone(), Arc::new(served));
+                    Ok(())
+                }
+                Ok(Err(e)) => Err(e),
+                Err(e) => Err(ServerError::Worker {
+                    name: t.name.clone(),
+                    message: e.to_string(),
+                }),
+            };
+            results.push((t.name.clone(), r));
+        }
+        let allowed: std::collections::BTreeSet<Fingerprint> =
+            trees.iter().flat_map(|t| t.allow.keys().copied()).collect();
+        match tls::server_config(&identity, allowed) {
+            Ok(c) => {
+                self.endpoint.set_server_config(Some(c));
+                *self.identity.write().expect("identity lock") = identity;
+            }
+            Err(e) => results.push(("*".into(), Err(e.into()))),
+        }
+        results
+    }
 }
 
 /// The default state directory a tree would use (for messages and tests).

@@ -19,6 +19,7 @@ use tokio::sync::watch;
 use crate::client::{self, RemoteUrl};
 use crate::driver::DriveOptions;
 use crate::identity::{Fingerprint, Identity};
+use crate::ratelimit::RateLimit;
 use crate::watcher::{Hints, Watch};
 
 /// One mirror to keep up to date.
@@ -42,6 +43,8 @@ pub struct SourceConfig {
     pub rescan_interval: Duration,
     /// Hash cache file.
     pub cache: Option<PathBuf>,
+    /// Bytes per second all pushes of this tree may send together.
+    pub bandwidth_limit: Option<u64>,
 }
 
 impl SourceConfig {
@@ -143,14 +146,18 @@ pub async fn run(
     let watcher = Arc::new(tokio::task::spawn_blocking(move || Watch::start(watch_root)).await?);
 
     let (snap_tx, snap_rx) = watch::channel::<Option<Arc<Snapshot>>>(None);
+    let pusher = Pusher {
+        root: cfg.root.clone(),
+        identity: identity.clone(),
+        limit: cfg.bandwidth_limit.map(|r| Arc::new(RateLimit::new(r))),
+    };
     let mut peers = Vec::new();
     for (i, d) in cfg.downstream.iter().enumerate() {
         let url = format!("quic://{}:{}/{}", d.url.host, d.url.port, d.url.tree);
         let task = peer_loop(
             i,
             d.clone(),
-            cfg.root.clone(),
-            identity.clone(),
+            pusher.clone(),
             status.clone(),
             snap_rx.clone(),
             shutdown.clone(),
@@ -318,8 +325,7 @@ pub async fn run(
 async fn peer_loop(
     index: usize,
     d: Downstream,
-    root: PathBuf,
-    identity: Arc<Identity>,
+    pusher: Pusher,
     status: SharedStatus,
     mut snaps: watch::Receiver<Option<Arc<Snapshot>>>,
     mut shutdown: watch::Receiver<bool>,
@@ -336,7 +342,7 @@ async fn peer_loop(
             continue;
         };
         let started = SystemTime::now();
-        let result = push_once(&d, &root, &identity, &snap, shutdown.clone()).await;
+        let result = push_once(&d, &pusher, &snap, shutdown.clone()).await;
         let failed = {
             let mut s = status.lock().unwrap();
             let ps = &mut s.peers[index];
@@ -379,25 +385,34 @@ struct Pushed {
     wire: u64,
 }
 
+/// What every push of one tree shares.
+#[derive(Clone)]
+struct Pusher {
+    root: PathBuf,
+    identity: Arc<Identity>,
+    /// The tree's bandwidth limit, shared by all its peers.
+    limit: Option<Arc<RateLimit>>,
+}
+
 async fn push_once(
     d: &Downstream,
-    root: &std::path::Path,
-    identity: &Identity,
+    pusher: &Pusher,
     snap: &Snapshot,
     shutdown: watch::Receiver<bool>,
 ) -> Result<Pushed, String> {
     let addr: SocketAddr = d.url.resolve().map_err(|e| e.to_string())?;
     let opts = DriveOptions {
         shutdown: Some(shutdown),
+        rate_limit: pusher.limit.clone(),
         ..Default::default()
     };
     let out = client::push(
         addr,
         &d.url.tree,
-        identity,
+        &pusher.identity,
         d.peer,
         snap.manifest.clone(),
-        root,
+        &pusher.root,
         opts,
     )
     .await
