@@ -697,9 +697,9 @@ pub async fn drive_sink(
                     }
                     ids.push(*id);
                 }
-                // Group commit: one fsync for whatever arrived meanwhile,
-                // so a chunk acknowledged here survives a crash.
-                match r.sync_staging() {
+                // Acknowledged chunks survive a restart of this process;
+                // the commit makes what the tree needs durable.
+                match r.persist_staging() {
                     Ok(()) => Job::Stored(Ok(ids)),
                     Err(e) => Job::Stored(Err(format!("staging failed: {e}"))),
                 }

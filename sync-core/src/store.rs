@@ -74,10 +74,15 @@ fn parse_record(r: &[u8]) -> Option<(ChunkId, Slot)> {
     Some((id, Slot { off, len }))
 }
 
-/// The durable staging area: chunks appended to `pack`, located by
-/// fixed-size checksummed records in `index`. An index record is written
-/// only after the pack bytes it points at are fsynced, so after a crash the
-/// index never points at lost data; a torn tail is cut off on open.
+/// The staging area: chunks appended to `pack`, located by fixed-size
+/// checksummed records in `index`. An index record is written only after
+/// the pack bytes it points at: [`Staging::sync`] fsyncs the pack first, so
+/// after a power loss the index never points at lost data;
+/// [`Staging::persist`] only hands both to the page cache, which survives a
+/// crash of the process (the case resume is for) and leaves a power loss to
+/// the filesystem's ordering (a record past the pack's end is cut off on
+/// open, and a damaged chunk reads as missing: the receiver then drops its
+/// staging and asks again). A torn tail is cut off on open.
 #[derive(Debug)]
 pub struct Staging {
     dir: PathBuf,
@@ -223,6 +228,26 @@ impl Staging {
         self.index_len += out.len() as u64;
         self.pending.clear();
         crashpoint::hit("staging-index-synced");
+        Ok(())
+    }
+
+    /// Hand every staged chunk and its index record to the kernel, without
+    /// waiting for the disk: they survive the process, not a power loss.
+    pub fn persist(&mut self) -> Result<(), StoreError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        self.flush()?;
+        let mut out = Vec::with_capacity(self.pending.len() * INDEX_RECORD);
+        for (id, slot) in &self.pending {
+            out.extend_from_slice(&record(id, *slot));
+        }
+        crashpoint::check_write().map_err(self.index_err("write"))?;
+        self.index
+            .write_all_at(&out, self.index_len)
+            .map_err(self.index_err("write"))?;
+        self.index_len += out.len() as u64;
+        self.pending.clear();
         Ok(())
     }
 
