@@ -161,7 +161,12 @@ impl Agent {
             .map(|c| c.key.display().to_string())
             .unwrap_or_default();
         tracing::info!(config = %agent.path.display(), "running {}", config.summary());
-        let (n, src) = (config.trees.len(), config.sources().count());
+        let n = config.trees.len();
+        let src = config
+            .trees
+            .iter()
+            .filter(|t| matches!(t, crate::config::Tree::Source(_)))
+            .count();
         if agent.opts.json {
             say(&serde_json::json!({"running": n, "sources": src, "sinks": n - src, "control": control})
                 .to_string());
@@ -227,7 +232,7 @@ impl Agent {
             let mut s = status.lock().unwrap();
             s.name = cfg.name.clone();
             s.path = cfg.path.display().to_string();
-            s.role = "source";
+            s.role = if cfg.relay { "relay" } else { "source" };
         }
         if let Some(r) = cfg.bandwidth_limit {
             tracing::info!(tree = %cfg.name, bytes_per_sec = r, "bandwidth limit");
@@ -237,13 +242,45 @@ impl Agent {
         let exits = self.exits.clone();
         let name = cfg.name.clone();
         let span = tracing::info_span!("tree", name = %cfg.name);
-        let fut = source::run(
-            scfg,
-            self.identity.clone(),
-            status.clone(),
-            publish_rx,
-            stop_rx,
-        );
+        let fut: std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>> + Send>> =
+            if cfg.relay {
+                // The sink's state directory, as the server found it.
+                let state = cfg.state.clone().or_else(|| {
+                    cfg.path
+                        .canonicalize()
+                        .ok()
+                        .and_then(|p| sync_core::state::default_state_dir(&p).ok())
+                });
+                match state {
+                    Some(state) => Box::pin(source::run_relay(
+                        source::RelayConfig {
+                            name: scfg.name,
+                            root: scfg.root,
+                            state,
+                            downstream: scfg.downstream,
+                            bandwidth_limit: scfg.bandwidth_limit,
+                        },
+                        self.identity.clone(),
+                        status.clone(),
+                        publish_rx,
+                        stop_rx,
+                    )),
+                    None => {
+                        let path = cfg.path.display().to_string();
+                        Box::pin(async move {
+                            anyhow::bail!("no state directory for the relay of {path}")
+                        })
+                    }
+                }
+            } else {
+                Box::pin(source::run(
+                    scfg,
+                    self.identity.clone(),
+                    status.clone(),
+                    publish_rx,
+                    stop_rx,
+                ))
+            };
         let task = tokio::spawn(
             async move {
                 let r = fut.await;

@@ -60,6 +60,10 @@ pub struct TreeConfig {
     /// State directory (default: `.<name>.sync-state` beside the tree).
     pub state: Option<PathBuf>,
     pub allow: HashMap<Fingerprint, Access>,
+    /// Peers this sink relays each committed snapshot to (a relay: the
+    /// builder's snapshot travels on with the same root, only after this
+    /// tree committed it).
+    pub relay: Option<SourceTreeConfig>,
 }
 
 /// What the QUIC server runs: the agent's sink trees.
@@ -91,6 +95,9 @@ pub struct SourceTreeConfig {
     pub cache: Option<PathBuf>,
     /// Bytes per second this tree may send, over all its peers.
     pub bandwidth_limit: Option<u64>,
+    /// A sink's relay: snapshots are the sink's commits, read from its
+    /// state directory, instead of scans (debounce and cache unused).
+    pub relay: bool,
 }
 
 impl SourceTreeConfig {
@@ -174,10 +181,11 @@ impl Config {
         })
     }
 
+    /// Every tree that pushes: source trees, and the relays of sink trees.
     pub fn sources(&self) -> impl Iterator<Item = &SourceTreeConfig> {
         self.trees.iter().filter_map(|t| match t {
             Tree::Source(s) => Some(s),
-            Tree::Sink(_) => None,
+            Tree::Sink(s) => s.relay.as_ref(),
         })
     }
 
@@ -198,10 +206,14 @@ impl Config {
                     if s.peers.len() == 1 { "" } else { "s" }
                 ),
                 Tree::Sink(s) => format!(
-                    "{} (sink, {} allowed peer{})",
+                    "{} (sink, {} allowed peer{}{})",
                     s.name,
                     s.allow.len(),
-                    if s.allow.len() == 1 { "" } else { "s" }
+                    if s.allow.len() == 1 { "" } else { "s" },
+                    match &s.relay {
+                        Some(r) => format!(", relaying to {}", r.peers.len()),
+                        None => String::new(),
+                    }
                 ),
             })
             .collect();
@@ -339,15 +351,11 @@ type Value<'i> = Spanned<DeValue<'i>>;
 
 const ROOT_KEYS: &[&str] = &["identity", "listen", "control", "metrics", "tree"];
 const TREE_KEYS: &[&str] = &["name", "path", "state", "role"];
-const SOURCE_KEYS: &[&str] = &[
-    "peer",
-    "quiet_ms",
-    "max_delay_ms",
-    "rescan_secs",
-    "cache",
-    "bandwidth_limit",
-];
+const SOURCE_KEYS: &[&str] = &["quiet_ms", "max_delay_ms", "rescan_secs", "cache"];
 const SINK_KEYS: &[&str] = &["allow"];
+/// Both roles: a source's mirrors, or the further mirrors a sink relays
+/// each committed snapshot to.
+const PUSH_KEYS: &[&str] = &["peer", "bandwidth_limit"];
 const PEER_KEYS: &[&str] = &["url", "fingerprint"];
 const ALLOW_KEYS: &[&str] = &["fingerprint", "push", "pull"];
 
@@ -646,17 +654,22 @@ impl Checker<'_> {
         };
         let partial = match role {
             Some("source") => {
-                self.unknown_keys(t, &[TREE_KEYS, SOURCE_KEYS], SINK_KEYS, &ctx);
+                self.unknown_keys(t, &[TREE_KEYS, SOURCE_KEYS, PUSH_KEYS], SINK_KEYS, &ctx);
                 self.wrong_role(t, SINK_KEYS, "sink", &ctx);
                 self.source(t, &header, &ctx)
             }
             Some(_) => {
-                self.unknown_keys(t, &[TREE_KEYS, SINK_KEYS], SOURCE_KEYS, &ctx);
+                self.unknown_keys(t, &[TREE_KEYS, SINK_KEYS, PUSH_KEYS], SOURCE_KEYS, &ctx);
                 self.wrong_role(t, SOURCE_KEYS, "source", &ctx);
                 self.sink(t, &header, &ctx)
             }
             None => {
-                self.unknown_keys(t, &[TREE_KEYS, SOURCE_KEYS, SINK_KEYS], &[], &ctx);
+                self.unknown_keys(
+                    t,
+                    &[TREE_KEYS, SOURCE_KEYS, SINK_KEYS, PUSH_KEYS],
+                    &[],
+                    &ctx,
+                );
                 None
             }
         };
@@ -667,12 +680,19 @@ impl Checker<'_> {
                 s.state = state;
                 Some(Tree::Source(s))
             }
-            (Some(Partial::Sink(allow)), Some((n, _)), Some((p, _))) => {
+            (Some(Partial::Sink(allow, relay)), Some((n, _)), Some((p, _))) => {
+                let relay = relay.map(|mut r| {
+                    r.name = n.clone();
+                    r.path = p.clone();
+                    r.state = state.clone();
+                    r
+                });
                 Some(Tree::Sink(TreeConfig {
                     name: n.clone(),
                     path: p.clone(),
                     state,
                     allow,
+                    relay,
                 }))
             }
             _ => None,
@@ -702,10 +722,66 @@ impl Checker<'_> {
     }
 
     fn source(&mut self, t: &DeTable<'_>, header: &Range<usize>, ctx: &str) -> Option<Partial> {
+        let (peers, mut ok) = self.peers(t, header, ctx, true);
+        let quiet = self.bounded(t, "quiet_ms", QUIET_MS, "ms", ctx);
+        let max_delay = self.bounded(t, "max_delay_ms", MAX_DELAY_MS, "ms", ctx);
+        let rescan = self.bounded(t, "rescan_secs", RESCAN_SECS, "s", ctx);
+        let quiet_ms = quiet.as_ref().map_or(100, |q| q.0);
+        let max_delay_ms = max_delay.as_ref().map_or(2000, |m| m.0);
+        if max_delay_ms < quiet_ms {
+            let span = max_delay
+                .as_ref()
+                .or(quiet.as_ref())
+                .map_or(header.clone(), |v| v.1.clone());
+            self.error(
+                span,
+                format!(
+                    "{ctx}max_delay_ms ({max_delay_ms}) is shorter than quiet_ms ({quiet_ms}): \
+                     a rescan would never wait for quiet"
+                ),
+            );
+            ok = false;
+        }
+        for (v, key) in [
+            (&quiet, "quiet_ms"),
+            (&max_delay, "max_delay_ms"),
+            (&rescan, "rescan_secs"),
+        ] {
+            if v.is_none() && field(t, key).is_some() {
+                ok = false;
+            }
+        }
+        let cache = self.path(t, "cache", ctx).map(|c| c.0);
+        let (bandwidth_limit, bw_ok) = self.bandwidth(t, ctx);
+        ok &= bw_ok;
+        ok.then(|| {
+            Partial::Source(SourceTreeConfig {
+                name: String::new(),
+                path: PathBuf::new(),
+                state: None,
+                peers,
+                quiet: Duration::from_millis(quiet_ms),
+                max_delay: Duration::from_millis(max_delay_ms),
+                rescan: Duration::from_secs(rescan.map_or(3600, |r| r.0)),
+                cache,
+                bandwidth_limit,
+                relay: false,
+            })
+        })
+    }
+
+    /// `[[tree.peer]]` entries; `required` for a source tree.
+    fn peers(
+        &mut self,
+        t: &DeTable<'_>,
+        header: &Range<usize>,
+        ctx: &str,
+        required: bool,
+    ) -> (Vec<PeerConfig>, bool) {
         let mut ok = true;
         let mut peers: Vec<PeerConfig> = Vec::new();
         let tables = self.tables(t, "peer", ctx);
-        if tables.is_empty() {
+        if tables.is_empty() && required {
             self.error(
                 header.clone(),
                 format!("{ctx}a source tree needs at least one [[tree.peer]] (url, fingerprint)"),
@@ -747,74 +823,34 @@ impl Checker<'_> {
                 _ => ok = false,
             }
         }
-        let quiet = self.bounded(t, "quiet_ms", QUIET_MS, "ms", ctx);
-        let max_delay = self.bounded(t, "max_delay_ms", MAX_DELAY_MS, "ms", ctx);
-        let rescan = self.bounded(t, "rescan_secs", RESCAN_SECS, "s", ctx);
-        let quiet_ms = quiet.as_ref().map_or(100, |q| q.0);
-        let max_delay_ms = max_delay.as_ref().map_or(2000, |m| m.0);
-        if max_delay_ms < quiet_ms {
-            let span = max_delay
-                .as_ref()
-                .or(quiet.as_ref())
-                .map_or(header.clone(), |v| v.1.clone());
-            self.error(
-                span,
-                format!(
-                    "{ctx}max_delay_ms ({max_delay_ms}) is shorter than quiet_ms ({quiet_ms}): \
-                     a rescan would never wait for quiet"
-                ),
-            );
-            ok = false;
-        }
-        for (v, key) in [
-            (&quiet, "quiet_ms"),
-            (&max_delay, "max_delay_ms"),
-            (&rescan, "rescan_secs"),
-        ] {
-            if v.is_none() && field(t, key).is_some() {
-                ok = false;
-            }
-        }
-        let cache = self.path(t, "cache", ctx).map(|c| c.0);
-        let bandwidth_limit = match field(t, "bandwidth_limit") {
-            None => None,
-            Some(v) => {
-                let parsed = match v.get_ref() {
-                    DeValue::String(s) => parse_rate(s),
-                    DeValue::Integer(i) => i128::from_str_radix(i.as_str(), i.radix())
-                        .ok()
-                        .and_then(|n| u64::try_from(n).ok())
-                        .ok_or_else(|| format!("{} is not a byte rate", i.as_str()))
-                        .and_then(check_rate),
-                    other => Err(format!(
-                        "must be a string such as \"50MiB\" (per second), not {} {}",
-                        article(other.type_str()),
-                        other.type_str()
-                    )),
-                };
-                match parsed {
-                    Ok(r) => Some(r),
-                    Err(m) => {
-                        self.error(v.span(), format!("{ctx}bandwidth_limit {m}"));
-                        ok = false;
-                        None
-                    }
-                }
-            }
+        (peers, ok)
+    }
+
+    /// `bandwidth_limit`: bytes per second over all peers of the tree.
+    fn bandwidth(&mut self, t: &DeTable<'_>, ctx: &str) -> (Option<u64>, bool) {
+        let Some(v) = field(t, "bandwidth_limit") else {
+            return (None, true);
         };
-        ok.then(|| {
-            Partial::Source(SourceTreeConfig {
-                name: String::new(),
-                path: PathBuf::new(),
-                state: None,
-                peers,
-                quiet: Duration::from_millis(quiet_ms),
-                max_delay: Duration::from_millis(max_delay_ms),
-                rescan: Duration::from_secs(rescan.map_or(3600, |r| r.0)),
-                cache,
-                bandwidth_limit,
-            })
-        })
+        let parsed = match v.get_ref() {
+            DeValue::String(s) => parse_rate(s),
+            DeValue::Integer(i) => i128::from_str_radix(i.as_str(), i.radix())
+                .ok()
+                .and_then(|n| u64::try_from(n).ok())
+                .ok_or_else(|| format!("{} is not a byte rate", i.as_str()))
+                .and_then(check_rate),
+            other => Err(format!(
+                "must be a string such as \"50MiB\" (per second), not {} {}",
+                article(other.type_str()),
+                other.type_str()
+            )),
+        };
+        match parsed {
+            Ok(r) => (Some(r), true),
+            Err(m) => {
+                self.error(v.span(), format!("{ctx}bandwidth_limit {m}"));
+                (None, false)
+            }
+        }
     }
 
     fn sink(&mut self, t: &DeTable<'_>, header: &Range<usize>, ctx: &str) -> Option<Partial> {
@@ -861,7 +897,31 @@ impl Checker<'_> {
                 _ => ok = false,
             }
         }
-        ok.then_some(Partial::Sink(allow))
+        // Peers make it a relay: each committed snapshot goes on to them.
+        let (peers, peers_ok) = self.peers(t, header, ctx, false);
+        let (bandwidth_limit, bw_ok) = self.bandwidth(t, ctx);
+        if !peers_ok || !bw_ok {
+            ok = false;
+        }
+        if peers.is_empty() && bandwidth_limit.is_some() {
+            self.warn(
+                header.clone(),
+                format!("{ctx}bandwidth_limit without [[tree.peer]]: nothing is relayed"),
+            );
+        }
+        let relay = (!peers.is_empty()).then(|| SourceTreeConfig {
+            name: String::new(),
+            path: PathBuf::new(),
+            state: None,
+            peers,
+            quiet: Duration::from_millis(100),
+            max_delay: Duration::from_millis(2000),
+            rescan: Duration::from_secs(3600),
+            cache: None,
+            bandwidth_limit,
+            relay: true,
+        });
+        ok.then_some(Partial::Sink(allow, relay))
     }
 
     fn across_trees(&mut self, read: &[ReadTree], listen: Option<&(SocketAddr, Range<usize>)>) {
@@ -945,7 +1005,8 @@ impl Checker<'_> {
 /// A tree's role-specific part, before its name and path are attached.
 enum Partial {
     Source(SourceTreeConfig),
-    Sink(HashMap<Fingerprint, Access>),
+    /// The allow list, and the relay when the sink has peers.
+    Sink(HashMap<Fingerprint, Access>, Option<SourceTreeConfig>),
 }
 
 fn article(type_name: &str) -> &'static str {

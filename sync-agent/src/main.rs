@@ -265,6 +265,7 @@ fn config_of(o: &ServeOptions) -> anyhow::Result<AgentConfig> {
             path,
             state: None,
             allow: allow.clone(),
+            relay: None,
         });
     }
     let cfg = AgentConfig {

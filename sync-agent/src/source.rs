@@ -151,22 +151,7 @@ pub async fn run(
         identity: identity.clone(),
         limit: cfg.bandwidth_limit.map(|r| Arc::new(RateLimit::new(r))),
     };
-    let mut peers = Vec::new();
-    for (i, d) in cfg.downstream.iter().enumerate() {
-        let url = format!("quic://{}:{}/{}", d.url.host, d.url.port, d.url.tree);
-        let task = peer_loop(
-            i,
-            d.clone(),
-            pusher.clone(),
-            status.clone(),
-            snap_rx.clone(),
-            shutdown.clone(),
-        );
-        peers.push(tokio::spawn(tracing::Instrument::instrument(
-            task,
-            tracing::info_span!("peer", %url),
-        )));
-    }
+    let peers = spawn_peers(&cfg.downstream, &pusher, &status, &snap_rx, &shutdown);
 
     let mut last: Option<ScanOutcome> = None;
     let mut next_full = Instant::now();
@@ -314,6 +299,158 @@ pub async fn run(
             }
             _ = shutdown.changed() => break,
         }
+    }
+    for p in peers {
+        let _ = p.await;
+    }
+    Ok(())
+}
+
+/// One task per downstream peer, each at its own pace.
+fn spawn_peers(
+    downstream: &[Downstream],
+    pusher: &Pusher,
+    status: &SharedStatus,
+    snaps: &watch::Receiver<Option<Arc<Snapshot>>>,
+    shutdown: &watch::Receiver<bool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    downstream
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let url = format!("quic://{}:{}/{}", d.url.host, d.url.port, d.url.tree);
+            let task = peer_loop(
+                i,
+                d.clone(),
+                pusher.clone(),
+                status.clone(),
+                snaps.clone(),
+                shutdown.clone(),
+            );
+            tokio::spawn(tracing::Instrument::instrument(
+                task,
+                tracing::info_span!("peer", %url),
+            ))
+        })
+        .collect()
+}
+
+/// A sink tree that relays: where its commits are found, and where they go.
+#[derive(Clone, Debug)]
+pub struct RelayConfig {
+    /// The tree's name in status output.
+    pub name: String,
+    /// The sink tree (chunks are read from its committed files).
+    pub root: PathBuf,
+    /// Its state directory, whose `manifest` each commit replaces.
+    pub state: PathBuf,
+    pub downstream: Vec<Downstream>,
+    pub bandwidth_limit: Option<u64>,
+}
+
+/// How often a relay looks at its tree's committed root without a hint.
+const RELAY_POLL: Duration = Duration::from_secs(1);
+
+/// Relay until `shutdown` turns true: each snapshot the sink tree commits
+/// (found from an inotify hint on its state directory, or a poll) is pushed
+/// on to every downstream peer, with the same root; nothing before it is
+/// committed, and never an empty tree because nothing was committed yet.
+pub async fn run_relay(
+    cfg: RelayConfig,
+    identity: Arc<Identity>,
+    status: SharedStatus,
+    mut publish_now: tokio::sync::mpsc::Receiver<PublishRequest>,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    {
+        let mut s = status.lock().unwrap();
+        s.name = cfg.name.clone();
+        s.path = cfg.root.display().to_string();
+        s.role = "relay";
+        s.peers = cfg
+            .downstream
+            .iter()
+            .map(|d| PeerStatus {
+                url: format!("quic://{}:{}/{}", d.url.host, d.url.port, d.url.tree),
+                ..Default::default()
+            })
+            .collect();
+    }
+    std::fs::create_dir_all(&cfg.state)?;
+    let hints = Hints::new(
+        cfg.state.clone(),
+        Debouncer::new(Duration::from_millis(5), Duration::from_millis(50)),
+    );
+    let watch_dir = hints.clone();
+    let _watch = tokio::task::spawn_blocking(move || Watch::start(watch_dir)).await?;
+    let (snap_tx, snap_rx) = watch::channel::<Option<Arc<Snapshot>>>(None);
+    let pusher = Pusher {
+        root: cfg.root.clone(),
+        identity,
+        limit: cfg.bandwidth_limit.map(|r| Arc::new(RateLimit::new(r))),
+    };
+    let peers = spawn_peers(&cfg.downstream, &pusher, &status, &snap_rx, &shutdown);
+    let mut last: Option<sync_core::hash::TreeId> = None;
+    let mut waiting: Vec<PublishRequest> = Vec::new();
+    loop {
+        let _ = hints
+            .debouncer
+            .lock()
+            .unwrap()
+            .poll(Instant::now() + RELAY_POLL);
+        let state = cfg.state.clone();
+        let seen = last;
+        let found = tokio::task::spawn_blocking(move || {
+            // A commit under way, or nothing committed yet: nothing to relay.
+            let root = sync_core::state::peek_committed_root(&state)?;
+            if Some(root) == seen {
+                return Some(Ok(None));
+            }
+            Some(
+                sync_core::state::peek_manifest(&state)
+                    .map(|m| Some(m).filter(|m| m.root() == root)),
+            )
+        })
+        .await?;
+        match found {
+            Some(Ok(Some(m))) => {
+                let root = m.snapshot();
+                last = Some(m.root());
+                tracing::info!(root = %root.short(), "relaying a committed snapshot");
+                {
+                    let mut s = status.lock().unwrap();
+                    s.scans += 1;
+                    s.last_scan_error = None;
+                    s.root = Some(root.to_hex());
+                    s.snapshot_unix = unix(SystemTime::now());
+                }
+                let _ = snap_tx.send(Some(Arc::new(Snapshot {
+                    manifest: m,
+                    taken: SystemTime::now(),
+                })));
+            }
+            Some(Err(e)) => {
+                tracing::warn!("cannot read the committed manifest: {e}");
+                status.lock().unwrap().last_scan_error = Some(e.to_string());
+            }
+            Some(Ok(None)) | None => {}
+        }
+        if let Some(root) = snap_tx.borrow().as_ref().map(|s| s.root()) {
+            for w in waiting.drain(..) {
+                let _ = w.send(Ok(root));
+            }
+        }
+        tokio::select! {
+            _ = hints.wake.notified() => {}
+            _ = tokio::time::sleep(RELAY_POLL) => {}
+            req = publish_now.recv() => {
+                if let Some(req) = req { waiting.push(req); }
+            }
+            _ = shutdown.changed() => break,
+        }
+    }
+    for w in waiting {
+        let _ = w.send(Err("the relay is shutting down".into()));
     }
     for p in peers {
         let _ = p.await;

@@ -286,3 +286,190 @@ fn a_watched_tree_reaches_two_mirrors_and_current_is_never_broken() {
     wait_current(&ctl, None, Duration::from_secs(90));
     diff_clean(&src, &t2);
 }
+
+/// Start `sync-agent --config FILE`; returns it and its listen address.
+fn agent_with_config(work: &Path, name: &str, config: &str) -> (Proc, String) {
+    let file = work.join(format!("{name}.toml"));
+    std::fs::write(&file, config).unwrap();
+    let mut child = Command::new(sync_agent())
+        .arg("--config")
+        .arg(&file)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(work.join(format!("{name}.log"))).unwrap())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .split_whitespace()
+        .nth(2)
+        .unwrap_or_else(|| panic!("agent not ready: {line:?}"))
+        .to_string();
+    (Proc(child), addr)
+}
+
+/// The tree of `role` in a status answer.
+fn tree_of(s: &serde_json::Value, role: &str) -> serde_json::Value {
+    s["trees"]
+        .as_array()
+        .and_then(|t| t.iter().find(|t| t["role"] == role).cloned())
+        .unwrap_or_default()
+}
+
+/// source -> A -> B: A commits each snapshot, then relays it to B with the
+/// same root; readers on both mirrors never see an incomplete `current`.
+#[test]
+fn a_relay_chain_forwards_only_committed_snapshots() {
+    let work_dir = tempfile::tempdir().unwrap();
+    let work = work_dir.path();
+    let src: PathBuf = work.join("builder-tree");
+    let mut tree = DlrnTree::create(
+        &src,
+        DlrnSpec {
+            seed: 11,
+            projects: 10,
+            builds: 12,
+            keep_builds: 8,
+            scale: 0.01,
+        },
+    )
+    .unwrap();
+    let builder = keygen(&work.join("builder"));
+    let fp_a = keygen(&work.join("a"));
+    let fp_b = keygen(&work.join("b"));
+    let (_b, addr_b) = sink(work, "b", "127.0.0.1:0", &format!("{fp_a}:push"));
+    let (ta, tb) = (work.join("a-tree"), work.join("b-tree"));
+    let ctl_a = work.join("a.sock");
+    let config = format!(
+        r#"identity = "{id}"
+listen = "127.0.0.1:0"
+control = "{ctl}"
+
+[[tree]]
+name = "rdo"
+path = "{path}"
+role = "sink"
+
+[[tree.allow]]
+fingerprint = "{builder}"
+push = true
+
+[[tree.peer]]
+url = "quic://{addr_b}/rdo"
+fingerprint = "{fp_b}"
+"#,
+        id = work.join("a").display(),
+        ctl = ctl_a.display(),
+        path = ta.display(),
+    );
+    let (_a, addr_a) = agent_with_config(work, "a", &config);
+    let ctl = work.join("ctl.sock");
+    let _source = Proc(
+        Command::new(sync_agent())
+            .arg("watch")
+            .arg(&src)
+            .args(["--to", &format!("quic://{addr_a}/rdo"), "--peer", &fp_a])
+            .arg("--identity")
+            .arg(work.join("builder"))
+            .arg("--control")
+            .arg(&ctl)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(work.join("source.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    // B holds what the source published, via A.
+    let relayed = |timeout: Duration| {
+        let end = Instant::now() + timeout;
+        loop {
+            let root = status(&ctl)["trees"][0]["root"].clone();
+            let relay = tree_of(&status(&ctl_a), "relay");
+            if !root.is_null()
+                && relay["root"] == root
+                && relay["peers"][0]["committed_root"] == root
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < end,
+                "the relay did not catch up: source {} relay {relay}",
+                status(&ctl)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    relayed(Duration::from_secs(60));
+    diff_clean(&src, &tb);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let reads = Arc::new(AtomicU64::new(0));
+    let broken = Arc::new(AtomicU64::new(0));
+    let readers: Vec<_> = [ta.clone(), tb.clone()]
+        .into_iter()
+        .map(|m| {
+            let (stop, reads, broken, src) =
+                (stop.clone(), reads.clone(), broken.clone(), src.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match current_is_complete(&m, &src) {
+                        Some(true) => {
+                            reads.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Some(false) => {
+                            broken.fetch_add(1, Ordering::Relaxed);
+                        }
+                        None => {}
+                    }
+                }
+            })
+        })
+        .collect();
+    for _ in 0..8 {
+        tree.evolve(1).unwrap();
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    let out = Command::new(sync_cli())
+        .arg("--control")
+        .arg(&ctl)
+        .args(["push", "--wait", "rdo"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "push --wait failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    relayed(Duration::from_secs(60));
+    stop.store(true, Ordering::Relaxed);
+    for r in readers {
+        r.join().unwrap();
+    }
+    let (reads, broken) = (
+        reads.load(Ordering::Relaxed),
+        broken.load(Ordering::Relaxed),
+    );
+    assert!(reads > 20, "readers judged only {reads} reads");
+    assert_eq!(
+        broken, 0,
+        "{broken} of {reads} reads saw an incomplete current"
+    );
+    diff_clean(&src, &ta);
+    diff_clean(&src, &tb);
+    // `push --wait` on the relay answers with what B committed.
+    let out = Command::new(sync_cli())
+        .arg("--control")
+        .arg(&ctl_a)
+        .args(["push", "--wait", "rdo", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "push --wait on the relay: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
