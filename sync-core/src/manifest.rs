@@ -499,6 +499,11 @@ impl Manifest {
     }
 
     /// The held tree objects, for merging into another manifest's parts.
+    /// Every tree object held, packed (shared, not copied).
+    pub fn packed(&self) -> &HashMap<TreeId, Arc<[u8]>> {
+        &self.trees
+    }
+
     pub fn into_packed(self) -> impl Iterator<Item = (TreeId, Arc<[u8]>)> {
         self.trees.into_iter()
     }

@@ -272,7 +272,9 @@ fn check_config_accepts_the_example_and_locates_every_error() {
     let (code, out, err) = check_config(&example());
     assert_eq!(code, 0, "the example must stay valid:\n{err}");
     assert!(
-        out.contains("ok: 2 trees (1 source, 1 sink): rdo (source, 2 peers), ci-logs (sink"),
+        out.contains(
+            "ok: 3 trees (1 source, 2 sink): rdo (source, 2 peers), ci-logs (sink, 2 allowed peers), rdo-relay (sink, 1 allowed peer, relaying to 1)"
+        ),
         "{out}"
     );
 
