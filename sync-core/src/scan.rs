@@ -750,6 +750,42 @@ mod tests {
         assert_eq!(out.manifest.stats().unwrap().files, 1);
     }
 
+    /// Many rescans in a row: each equals a full scan, and the trees the
+    /// changes replaced are collected before they pile up.
+    #[test]
+    fn repeated_rescans_stay_equal_to_a_full_scan_and_bounded() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        for a in 0..8 {
+            for b in 0..8 {
+                let dir = r.join(format!("a{a}/b{b}"));
+                std::fs::create_dir_all(&dir).unwrap();
+                std::fs::write(dir.join("f"), format!("{a}{b}")).unwrap();
+            }
+        }
+        let mut prev = scan(r, &ScanOptions::default()).unwrap();
+        let live = prev.manifest.tree_count();
+        assert_eq!(prev.live_trees, live);
+        for i in 0..200 {
+            let (a, b) = (i % 8, (i / 8) % 8);
+            std::fs::write(r.join(format!("a{a}/b{b}/f")), format!("v{i}")).unwrap();
+            let dirty = vec![format!("a{a}/b{b}").into_bytes()];
+            let next = rescan(r, &ScanOptions::default(), &prev, &dirty).unwrap();
+            let full = scan(r, &ScanOptions::default()).unwrap();
+            assert_eq!(next.manifest.root(), full.manifest.root(), "rescan {i}");
+            assert_eq!(next.dirs_listed, 3, "root, a{a}, a{a}/b{b}");
+            assert!(
+                next.manifest.tree_count() <= 2 * live.max(64) + 3,
+                "{} trees after {i} rescans",
+                next.manifest.tree_count()
+            );
+            prev = next;
+        }
+        // What is left is the live tree plus garbage below the bound, and
+        // every tree a walk needs is there.
+        prev.manifest.walk(|_, _| true).unwrap();
+    }
+
     #[test]
     fn rescan_lists_only_dirty_directories_and_matches_a_full_scan() {
         let d = tempfile::tempdir().unwrap();
