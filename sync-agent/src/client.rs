@@ -107,7 +107,7 @@ pub async fn connect(
     } else {
         "[::]:0".parse().expect("literal")
     };
-    let mut endpoint = Endpoint::client(bind).map_err(ClientError::Socket)?;
+    let mut endpoint = tls::endpoint(bind, None).map_err(ClientError::Socket)?;
     endpoint.set_default_client_config(cfg);
     let connecting =
         endpoint

@@ -158,11 +158,12 @@ impl Server {
             trees.insert(t.name.clone(), Arc::new(open_tree(t)?));
         }
         let server_cfg = tls::server_config(&identity, cfg.allowed())?;
-        let endpoint =
-            Endpoint::server(server_cfg, cfg.listen).map_err(|source| ServerError::Bind {
+        let endpoint = crate::tls::endpoint(cfg.listen, Some(server_cfg)).map_err(|source| {
+            ServerError::Bind {
                 addr: cfg.listen,
                 source,
-            })?;
+            }
+        })?;
         Ok(Server {
             endpoint,
             trees: Arc::new(RwLock::new(trees)),

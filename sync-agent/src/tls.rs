@@ -210,3 +210,35 @@ pub fn peer_fingerprint(conn: &quinn::Connection) -> Option<Fingerprint> {
     let certs = any.downcast::<Vec<CertificateDer<'static>>>().ok()?;
     certs.first().map(Fingerprint::of)
 }
+
+/// Socket buffers asked for on every QUIC endpoint: bulk transfers arrive
+/// faster than one poll drains the default 208 KiB, and every datagram the
+/// kernel drops is a loss to QUIC (retransmitted bytes, a halved window).
+const UDP_BUFFER: usize = 8 << 20;
+
+/// A UDP socket bound to `addr` with large buffers (forced past
+/// `net.core.rmem_max` when running as root; else as large as allowed).
+pub fn udp_socket(addr: std::net::SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use rustix::net::sockopt;
+    let socket = std::net::UdpSocket::bind(addr)?;
+    if sockopt::set_socket_recv_buffer_size_force(&socket, UDP_BUFFER).is_err() {
+        let _ = sockopt::set_socket_recv_buffer_size(&socket, UDP_BUFFER);
+    }
+    if sockopt::set_socket_send_buffer_size_force(&socket, UDP_BUFFER).is_err() {
+        let _ = sockopt::set_socket_send_buffer_size(&socket, UDP_BUFFER);
+    }
+    Ok(socket)
+}
+
+/// A quinn endpoint on [`udp_socket`].
+pub fn endpoint(
+    addr: std::net::SocketAddr,
+    server: Option<quinn::ServerConfig>,
+) -> std::io::Result<quinn::Endpoint> {
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        server,
+        udp_socket(addr)?,
+        Arc::new(quinn::TokioRuntime),
+    )
+}
