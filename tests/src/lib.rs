@@ -6,3 +6,4 @@ pub mod bench;
 pub mod bins;
 pub mod edge;
 pub mod gen;
+pub mod latency;
