@@ -126,20 +126,7 @@ pub async fn run(
         cache: cfg.cache.clone(),
         owners: true,
     };
-    {
-        let mut s = status.lock().unwrap();
-        s.name = cfg.name.clone();
-        s.path = cfg.root.display().to_string();
-        s.role = "source";
-        s.peers = cfg
-            .downstream
-            .iter()
-            .map(|d| PeerStatus {
-                url: format!("quic://{}:{}/{}", d.url.host, d.url.port, d.url.tree),
-                ..Default::default()
-            })
-            .collect();
-    }
+    init_status(&status, &cfg.name, &cfg.root, "source", &cfg.downstream);
     let hints = Hints::new(cfg.root.clone(), Debouncer::new(cfg.quiet, cfg.max_delay));
     // Watch before the first scan, so no change slips between them.
     let watch_root = hints.clone();
@@ -306,6 +293,27 @@ pub async fn run(
     Ok(())
 }
 
+/// Name the tree and list its peers in status before anything runs.
+fn init_status(
+    status: &SharedStatus,
+    name: &str,
+    root: &std::path::Path,
+    role: &'static str,
+    downstream: &[Downstream],
+) {
+    let mut s = status.lock().unwrap();
+    s.name = name.to_string();
+    s.path = root.display().to_string();
+    s.role = role;
+    s.peers = downstream
+        .iter()
+        .map(|d| PeerStatus {
+            url: format!("quic://{}:{}/{}", d.url.host, d.url.port, d.url.tree),
+            ..Default::default()
+        })
+        .collect();
+}
+
 /// One task per downstream peer, each at its own pace.
 fn spawn_peers(
     downstream: &[Downstream],
@@ -362,20 +370,7 @@ pub async fn run_relay(
     mut publish_now: tokio::sync::mpsc::Receiver<PublishRequest>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    {
-        let mut s = status.lock().unwrap();
-        s.name = cfg.name.clone();
-        s.path = cfg.root.display().to_string();
-        s.role = "relay";
-        s.peers = cfg
-            .downstream
-            .iter()
-            .map(|d| PeerStatus {
-                url: format!("quic://{}:{}/{}", d.url.host, d.url.port, d.url.tree),
-                ..Default::default()
-            })
-            .collect();
-    }
+    init_status(&status, &cfg.name, &cfg.root, "relay", &cfg.downstream);
     std::fs::create_dir_all(&cfg.state)?;
     let hints = Hints::new(
         cfg.state.clone(),

@@ -210,34 +210,26 @@ impl Staging {
     /// Make every staged chunk durable: fsync the pack, then append and
     /// fsync the index records that point at it.
     pub fn sync(&mut self) -> Result<(), StoreError> {
-        if self.pending.is_empty() {
-            return Ok(());
-        }
-        self.flush()?;
-        self.pack.sync_data().map_err(self.pack_err("fsync"))?;
-        crashpoint::hit("staging-pack-synced");
-        let mut out = Vec::with_capacity(self.pending.len() * INDEX_RECORD);
-        for (id, slot) in &self.pending {
-            out.extend_from_slice(&record(id, *slot));
-        }
-        crashpoint::check_write().map_err(self.index_err("write"))?;
-        self.index
-            .write_all_at(&out, self.index_len)
-            .map_err(self.index_err("write"))?;
-        self.index.sync_data().map_err(self.index_err("fsync"))?;
-        self.index_len += out.len() as u64;
-        self.pending.clear();
-        crashpoint::hit("staging-index-synced");
-        Ok(())
+        self.write_out(true)
     }
 
     /// Hand every staged chunk and its index record to the kernel, without
     /// waiting for the disk: they survive the process, not a power loss.
     pub fn persist(&mut self) -> Result<(), StoreError> {
+        self.write_out(false)
+    }
+
+    /// Write the buffered chunks, then the index records pointing at them
+    /// (each fsynced first when `durable`).
+    fn write_out(&mut self, durable: bool) -> Result<(), StoreError> {
         if self.pending.is_empty() {
             return Ok(());
         }
         self.flush()?;
+        if durable {
+            self.pack.sync_data().map_err(self.pack_err("fsync"))?;
+            crashpoint::hit("staging-pack-synced");
+        }
         let mut out = Vec::with_capacity(self.pending.len() * INDEX_RECORD);
         for (id, slot) in &self.pending {
             out.extend_from_slice(&record(id, *slot));
@@ -246,8 +238,14 @@ impl Staging {
         self.index
             .write_all_at(&out, self.index_len)
             .map_err(self.index_err("write"))?;
+        if durable {
+            self.index.sync_data().map_err(self.index_err("fsync"))?;
+        }
         self.index_len += out.len() as u64;
         self.pending.clear();
+        if durable {
+            crashpoint::hit("staging-index-synced");
+        }
         Ok(())
     }
 

@@ -941,24 +941,8 @@ fn lsyncd_log_notes(log: &str) -> Vec<String> {
     notes
 }
 
-/// `rm -rf p` (a missing `p` is fine).
-pub fn remove(p: &Path) -> Result<()> {
-    match std::fs::symlink_metadata(p) {
-        Ok(m) if m.is_dir() => {
-            std::fs::remove_dir_all(p).with_context(|| format!("rm -rf {}", p.display()))
-        }
-        Ok(_) => std::fs::remove_file(p).with_context(|| format!("rm {}", p.display())),
-        Err(_) => Ok(()),
-    }
-}
-
-/// `.NAME.sync-state` beside `dest` (the receiver's default state dir).
-fn state_of(dest: &Path) -> PathBuf {
-    let mut n = std::ffi::OsString::from(".");
-    n.push(dest.file_name().unwrap_or_default());
-    n.push(".sync-state");
-    dest.with_file_name(n)
-}
+pub use crate::bench::suites::remove;
+use crate::bench::suites::state_of;
 
 /// After a thaw: wait until the mirror holds the source's newest build
 /// and stays settled (ours: the agent's root committed and unchanged over

@@ -37,9 +37,23 @@ fn keygen(dir: &Path) -> String {
     v["fingerprint"].as_str().unwrap().to_string()
 }
 
+/// Wait for an agent's readiness line (`listening on ADDR ...`).
+fn ready(mut child: Child) -> (Proc, String) {
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .split_whitespace()
+        .nth(2)
+        .unwrap_or_else(|| panic!("agent not ready: {line:?}"))
+        .to_string();
+    (Proc(child), addr)
+}
+
 /// Start a mirror agent; returns it and its address.
 fn sink(work: &Path, name: &str, listen: &str, allow: &str) -> (Proc, String) {
-    let mut child = Command::new(sync_agent())
+    let child = Command::new(sync_agent())
         .args(["serve", "--listen", listen, "--allow", allow, "--identity"])
         .arg(work.join(name))
         .arg("--tree")
@@ -51,16 +65,7 @@ fn sink(work: &Path, name: &str, listen: &str, allow: &str) -> (Proc, String) {
         .stderr(std::fs::File::create(work.join(format!("{name}.log"))).unwrap())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .split_whitespace()
-        .nth(2)
-        .unwrap_or_else(|| panic!("agent not ready: {line:?}"))
-        .to_string();
-    (Proc(child), addr)
+    ready(child)
 }
 
 fn status(ctl: &Path) -> serde_json::Value {
@@ -153,6 +158,60 @@ fn judge(mirror: &Path, src: &Path, target: &Path) -> Option<Result<(), String>>
     Some(Ok(()))
 }
 
+/// One thread per mirror judging `current` again and again, as a dnf
+/// client would see it, until stopped.
+struct Readers {
+    stop: Arc<AtomicBool>,
+    reads: Arc<AtomicU64>,
+    broken: Arc<AtomicU64>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Readers {
+    fn start(mirrors: &[PathBuf], src: &Path) -> Readers {
+        let stop = Arc::new(AtomicBool::new(false));
+        let reads = Arc::new(AtomicU64::new(0));
+        let broken = Arc::new(AtomicU64::new(0));
+        let threads = mirrors
+            .iter()
+            .map(|m| {
+                let (stop, reads, broken) = (stop.clone(), reads.clone(), broken.clone());
+                let (m, src) = (m.clone(), src.to_path_buf());
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        match current_is_complete(&m, &src) {
+                            Some(true) => reads.fetch_add(1, Ordering::Relaxed),
+                            Some(false) => broken.fetch_add(1, Ordering::Relaxed),
+                            None => 0,
+                        };
+                    }
+                })
+            })
+            .collect();
+        Readers {
+            stop,
+            reads,
+            broken,
+            threads,
+        }
+    }
+
+    /// Stop, then require enough judged reads and no broken one.
+    fn stop_and_check(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            t.join().unwrap();
+        }
+        let reads = self.reads.load(Ordering::Relaxed);
+        let broken = self.broken.load(Ordering::Relaxed);
+        assert!(reads > 20, "readers judged only {reads} reads");
+        assert_eq!(
+            broken, 0,
+            "{broken} of {reads} reads saw an incomplete current"
+        );
+    }
+}
+
 fn diff_clean(a: &Path, b: &Path) {
     let out = Command::new("diff")
         .args(["-r", "--no-dereference"])
@@ -213,29 +272,7 @@ fn a_watched_tree_reaches_two_mirrors_and_current_is_never_broken() {
     diff_clean(&src, &t1);
 
     // Readers poll both mirrors while the builder keeps building.
-    let stop = Arc::new(AtomicBool::new(false));
-    let reads = Arc::new(AtomicU64::new(0));
-    let broken = Arc::new(AtomicU64::new(0));
-    let readers: Vec<_> = [t1.clone(), t2.clone()]
-        .into_iter()
-        .map(|m| {
-            let (stop, reads, broken, src) =
-                (stop.clone(), reads.clone(), broken.clone(), src.clone());
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    match current_is_complete(&m, &src) {
-                        Some(true) => {
-                            reads.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Some(false) => {
-                            broken.fetch_add(1, Ordering::Relaxed);
-                        }
-                        None => {}
-                    }
-                }
-            })
-        })
-        .collect();
+    let readers = Readers::start(&[t1.clone(), t2.clone()], &src);
     for _ in 0..12 {
         tree.evolve(1).unwrap();
         std::thread::sleep(Duration::from_millis(120));
@@ -252,19 +289,7 @@ fn a_watched_tree_reaches_two_mirrors_and_current_is_never_broken() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    stop.store(true, Ordering::Relaxed);
-    for r in readers {
-        r.join().unwrap();
-    }
-    let (reads, broken) = (
-        reads.load(Ordering::Relaxed),
-        broken.load(Ordering::Relaxed),
-    );
-    assert!(reads > 20, "readers judged only {reads} reads");
-    assert_eq!(
-        broken, 0,
-        "{broken} of {reads} reads saw an incomplete current"
-    );
+    readers.stop_and_check();
     diff_clean(&src, &t1);
     diff_clean(&src, &t2);
 
@@ -291,7 +316,7 @@ fn a_watched_tree_reaches_two_mirrors_and_current_is_never_broken() {
 fn agent_with_config(work: &Path, name: &str, config: &str) -> (Proc, String) {
     let file = work.join(format!("{name}.toml"));
     std::fs::write(&file, config).unwrap();
-    let mut child = Command::new(sync_agent())
+    let child = Command::new(sync_agent())
         .arg("--config")
         .arg(&file)
         .env("RUST_LOG", "info")
@@ -299,16 +324,7 @@ fn agent_with_config(work: &Path, name: &str, config: &str) -> (Proc, String) {
         .stderr(std::fs::File::create(work.join(format!("{name}.log"))).unwrap())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .split_whitespace()
-        .nth(2)
-        .unwrap_or_else(|| panic!("agent not ready: {line:?}"))
-        .to_string();
-    (Proc(child), addr)
+    ready(child)
 }
 
 /// The tree of `role` in a status answer.
@@ -405,29 +421,7 @@ fingerprint = "{fp_b}"
     relayed(Duration::from_secs(60));
     diff_clean(&src, &tb);
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let reads = Arc::new(AtomicU64::new(0));
-    let broken = Arc::new(AtomicU64::new(0));
-    let readers: Vec<_> = [ta.clone(), tb.clone()]
-        .into_iter()
-        .map(|m| {
-            let (stop, reads, broken, src) =
-                (stop.clone(), reads.clone(), broken.clone(), src.clone());
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    match current_is_complete(&m, &src) {
-                        Some(true) => {
-                            reads.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Some(false) => {
-                            broken.fetch_add(1, Ordering::Relaxed);
-                        }
-                        None => {}
-                    }
-                }
-            })
-        })
-        .collect();
+    let readers = Readers::start(&[ta.clone(), tb.clone()], &src);
     for _ in 0..8 {
         tree.evolve(1).unwrap();
         std::thread::sleep(Duration::from_millis(150));
@@ -444,19 +438,7 @@ fingerprint = "{fp_b}"
         String::from_utf8_lossy(&out.stderr)
     );
     relayed(Duration::from_secs(60));
-    stop.store(true, Ordering::Relaxed);
-    for r in readers {
-        r.join().unwrap();
-    }
-    let (reads, broken) = (
-        reads.load(Ordering::Relaxed),
-        broken.load(Ordering::Relaxed),
-    );
-    assert!(reads > 20, "readers judged only {reads} reads");
-    assert_eq!(
-        broken, 0,
-        "{broken} of {reads} reads saw an incomplete current"
-    );
+    readers.stop_and_check();
     diff_clean(&src, &ta);
     diff_clean(&src, &tb);
     // `push --wait` on the relay answers with what B committed.

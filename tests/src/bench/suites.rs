@@ -88,11 +88,18 @@ pub fn remove(p: &Path) -> Result<()> {
 }
 
 /// `.NAME.sync-state` beside DEST (the CLI's default state dir).
-fn state_of(dest: &Path) -> PathBuf {
+pub fn state_of(dest: &Path) -> PathBuf {
     let mut n = std::ffi::OsString::from(".");
     n.push(dest.file_name().expect("dest has a name"));
     n.push(".sync-state");
     dest.with_file_name(n)
+}
+
+/// `SRC/`: rsync copies the directory's content, not the directory.
+fn with_slash(p: &Path) -> std::ffi::OsString {
+    let mut s = p.as_os_str().to_os_string();
+    s.push("/");
+    s
 }
 
 fn cp_a(from: &Path, to: &Path) -> Result<Run> {
@@ -330,11 +337,7 @@ fn push_local_suite(ctx: &Ctx) -> Result<Table> {
     );
     let (mut tree, stats) = ctx.generate("push-src")?;
     let src = ctx.path("push-src");
-    let src_slash = {
-        let mut s = src.clone().into_os_string();
-        s.push("/");
-        s
-    };
+    let src_slash = with_slash(&src);
     let d_ours = ctx.path("dst-ours");
     let d_rsync = ctx.path("dst-rsync");
     let d_cp = ctx.path("dst-cp");
@@ -725,11 +728,7 @@ fn quic_suite(ctx: &Ctx) -> Result<Table> {
     ensure!(bins::have("rsync"), "rsync is needed for the quic suite");
     let (mut tree, stats) = ctx.generate("quic-src")?;
     let src = ctx.path("quic-src");
-    let src_slash = {
-        let mut s = src.clone().into_os_string();
-        s.push("/");
-        s
-    };
+    let src_slash = with_slash(&src);
     let d_ours = ctx.path("quic-dst-ours");
     let d_rsync = ctx.path("quic-dst-rsync");
     let (b_id, m_id) = (ctx.path("id-builder"), ctx.path("id-mirror"));
