@@ -917,7 +917,7 @@ fn ours_log_notes(log: &str) -> Vec<String> {
     if !scans.is_empty() {
         let s = Samples(scans);
         notes.push(format!(
-            "source agent: {} scans (the first one full, some untimed catch-ups), median {:.0} ms, max {:.0} ms",
+            "source agent: {} scans logged (the first one full; with --schedule alternate also the untimed catch-ups), median {:.0} ms, max {:.0} ms",
             s.0.len(),
             s.median() * 1000.0,
             s.max() * 1000.0
@@ -933,7 +933,7 @@ fn ours_log_notes(log: &str) -> Vec<String> {
 fn lsyncd_log_notes(log: &str) -> Vec<String> {
     let calls = log.lines().filter(|l| l.contains("Calling rsync")).count();
     let mut notes = vec![format!(
-        "lsyncd started {calls} rsync runs after its startup sync (timed builds and untimed catch-ups)"
+        "lsyncd started {calls} rsync runs after its startup sync (with --schedule alternate also the untimed catch-ups)"
     )];
     for e in lsyncd_errors(log) {
         notes.push(format!("lsyncd log: {e}"));
