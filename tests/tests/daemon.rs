@@ -212,6 +212,47 @@ impl Readers {
     }
 }
 
+/// `sync-agent watch SRC` pushing tree `rdo` to each (address,
+/// fingerprint), with the builder's identity and `ctl.sock` in `work`.
+fn watch_source(work: &Path, src: &Path, peers: &[(&str, &str)], cache: Option<&Path>) -> Proc {
+    let mut c = Command::new(sync_agent());
+    c.arg("watch").arg(src);
+    for (addr, fp) in peers {
+        c.args(["--to", &format!("quic://{addr}/rdo"), "--peer", fp]);
+    }
+    c.arg("--identity")
+        .arg(work.join("builder"))
+        .arg("--control")
+        .arg(work.join("ctl.sock"));
+    if let Some(cache) = cache {
+        c.arg("--cache").arg(cache);
+    }
+    c.env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(work.join("source.log")).unwrap());
+    Proc(c.spawn().unwrap())
+}
+
+/// `n` builds `gap` apart, then `push --wait rdo`, which must succeed.
+fn build_and_publish(tree: &mut DlrnTree, n: usize, gap: Duration, ctl: &Path) {
+    for _ in 0..n {
+        tree.evolve(1).unwrap();
+        std::thread::sleep(gap);
+    }
+    let out = Command::new(sync_cli())
+        .arg("--control")
+        .arg(ctl)
+        .args(["push", "--wait", "rdo"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "push --wait failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn diff_clean(a: &Path, b: &Path) {
     let out = Command::new("diff")
         .args(["-r", "--no-dereference"])
@@ -251,44 +292,19 @@ fn a_watched_tree_reaches_two_mirrors_and_current_is_never_broken() {
     let (_m1, a1) = sink(work, "m1", "127.0.0.1:0", &allow);
     let (m2, a2) = sink(work, "m2", "127.0.0.1:0", &allow);
     let ctl = work.join("ctl.sock");
-    let mut source = Command::new(sync_agent());
-    source
-        .arg("watch")
-        .arg(&src)
-        .args(["--to", &format!("quic://{a1}/rdo"), "--peer", &fp1])
-        .args(["--to", &format!("quic://{a2}/rdo"), "--peer", &fp2])
-        .arg("--identity")
-        .arg(work.join("builder"))
-        .arg("--control")
-        .arg(&ctl)
-        .arg("--cache")
-        .arg(work.join("hash.cache"))
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(work.join("source.log")).unwrap());
-    let _source = Proc(source.spawn().unwrap());
+    let _source = watch_source(
+        work,
+        &src,
+        &[(&a1, &fp1), (&a2, &fp2)],
+        Some(&work.join("hash.cache")),
+    );
     let (t1, t2) = (work.join("m1-tree"), work.join("m2-tree"));
     wait_current(&ctl, None, Duration::from_secs(60));
     diff_clean(&src, &t1);
 
     // Readers poll both mirrors while the builder keeps building.
     let readers = Readers::start(&[t1.clone(), t2.clone()], &src);
-    for _ in 0..12 {
-        tree.evolve(1).unwrap();
-        std::thread::sleep(Duration::from_millis(120));
-    }
-    let out = Command::new(sync_cli())
-        .arg("--control")
-        .arg(&ctl)
-        .args(["push", "--wait", "rdo"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "push --wait failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    build_and_publish(&mut tree, 12, Duration::from_millis(120), &ctl);
     readers.stop_and_check();
     diff_clean(&src, &t1);
     diff_clean(&src, &t2);
@@ -383,21 +399,7 @@ fingerprint = "{fp_b}"
     );
     let (_a, addr_a) = agent_with_config(work, "a", &config);
     let ctl = work.join("ctl.sock");
-    let _source = Proc(
-        Command::new(sync_agent())
-            .arg("watch")
-            .arg(&src)
-            .args(["--to", &format!("quic://{addr_a}/rdo"), "--peer", &fp_a])
-            .arg("--identity")
-            .arg(work.join("builder"))
-            .arg("--control")
-            .arg(&ctl)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(work.join("source.log")).unwrap())
-            .spawn()
-            .unwrap(),
-    );
+    let _source = watch_source(work, &src, &[(&addr_a, &fp_a)], None);
     // B holds what the source published, via A.
     let relayed = |timeout: Duration| {
         let end = Instant::now() + timeout;
@@ -422,21 +424,7 @@ fingerprint = "{fp_b}"
     diff_clean(&src, &tb);
 
     let readers = Readers::start(&[ta.clone(), tb.clone()], &src);
-    for _ in 0..8 {
-        tree.evolve(1).unwrap();
-        std::thread::sleep(Duration::from_millis(150));
-    }
-    let out = Command::new(sync_cli())
-        .arg("--control")
-        .arg(&ctl)
-        .args(["push", "--wait", "rdo"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "push --wait failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    build_and_publish(&mut tree, 8, Duration::from_millis(150), &ctl);
     relayed(Duration::from_secs(60));
     readers.stop_and_check();
     diff_clean(&src, &ta);
