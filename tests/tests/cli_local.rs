@@ -13,38 +13,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use serde_json::Value;
-use sync_tests::bins;
 use sync_tests::edge::create_edge_tree;
 use sync_tests::gen::{DlrnSpec, DlrnTree};
 
-struct Env {
-    dir: tempfile::TempDir,
-}
+mod common;
+use common::Env;
 
 impl Env {
-    fn new() -> Env {
-        Env {
-            dir: tempfile::tempdir().unwrap(),
-        }
-    }
-
-    fn path(&self, rel: &str) -> PathBuf {
-        self.dir.path().join(rel)
-    }
-
-    fn cli<I, S>(&self, args: I) -> Output
-    where
-        I: IntoIterator<Item = S>,
-        S: AsRef<OsStr>,
-    {
-        Command::new(bins::sync_cli())
-            .args(args)
-            .env("XDG_CACHE_HOME", self.path("xdg-cache"))
-            .env_remove("RUST_LOG")
-            .output()
-            .expect("run sync-cli")
-    }
-
     /// `sync-cli push --json <extra> SRC DEST`, which must succeed.
     fn push(&self, src: &Path, dest: &Path, extra: &[&str]) -> Value {
         let mut args: Vec<OsString> = vec!["push".into(), "--json".into()];

@@ -8,7 +8,7 @@ use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use serde_json::Value;
 use sync_core::scan::{scan, ScanOptions};
@@ -17,35 +17,10 @@ use sync_tests::bins;
 use sync_tests::edge::{create_edge_tree, create_special_files};
 use sync_tests::gen::{DlrnSpec, DlrnTree};
 
-/// A temp dir plus a private hash-cache home, so tests never touch `~/.cache`.
-struct Env {
-    dir: tempfile::TempDir,
-}
+mod common;
+use common::Env;
 
 impl Env {
-    fn new() -> Env {
-        Env {
-            dir: tempfile::tempdir().unwrap(),
-        }
-    }
-
-    fn path(&self, rel: &str) -> PathBuf {
-        self.dir.path().join(rel)
-    }
-
-    fn cli<I, S>(&self, args: I) -> Output
-    where
-        I: IntoIterator<Item = S>,
-        S: AsRef<OsStr>,
-    {
-        Command::new(bins::sync_cli())
-            .args(args)
-            .env("XDG_CACHE_HOME", self.path("xdg-cache"))
-            .env_remove("RUST_LOG")
-            .output()
-            .expect("run sync-cli")
-    }
-
     /// `sync-cli scan --json <extra> TREE`, which must succeed.
     fn scan_json(&self, tree: &Path, extra: &[&str]) -> Value {
         let mut args: Vec<OsString> = vec!["scan".into(), "--json".into()];
