@@ -106,10 +106,9 @@ fn cp_a(from: &Path, to: &Path) -> Result<Run> {
     run(Command::new("cp").arg("-a").arg(from).arg(to))
 }
 
-/// Every regular file below `root`, as a NUL-separated list in `out`.
-fn file_list(root: &Path, out: &Path) -> Result<usize> {
-    let mut buf = Vec::new();
-    let mut n = 0;
+/// Every regular file below `root` (symlinks not followed).
+fn regular_files(root: &Path) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(d) = stack.pop() {
         for e in std::fs::read_dir(&d)? {
@@ -118,14 +117,23 @@ fn file_list(root: &Path, out: &Path) -> Result<usize> {
             if ft.is_dir() {
                 stack.push(e.path());
             } else if ft.is_file() {
-                buf.extend_from_slice(e.path().as_os_str().as_bytes());
-                buf.push(0);
-                n += 1;
+                files.push(e.path());
             }
         }
     }
+    Ok(files)
+}
+
+/// Every regular file below `root`, as a NUL-separated list in `out`.
+fn file_list(root: &Path, out: &Path) -> Result<usize> {
+    let files = regular_files(root)?;
+    let mut buf = Vec::new();
+    for f in &files {
+        buf.extend_from_slice(f.as_os_str().as_bytes());
+        buf.push(0);
+    }
     std::fs::write(out, buf)?;
-    Ok(n)
+    Ok(files.len())
 }
 
 fn num(v: &serde_json::Value, k: &str) -> Result<u64> {
@@ -680,19 +688,10 @@ fn rsync_wire(stdout: &[u8]) -> Result<u64> {
 /// Size of every distinct file content (by BLAKE3) below `root`.
 fn contents(root: &Path) -> Result<std::collections::HashMap<[u8; 32], u64>> {
     let mut m = std::collections::HashMap::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d)? {
-            let e = e?;
-            let ft = e.file_type()?;
-            if ft.is_dir() {
-                stack.push(e.path());
-            } else if ft.is_file() {
-                let mut h = blake3::Hasher::new();
-                h.update_mmap(e.path())?;
-                m.insert(*h.finalize().as_bytes(), e.metadata()?.len());
-            }
-        }
+    for f in regular_files(root)? {
+        let mut h = blake3::Hasher::new();
+        h.update_mmap(&f)?;
+        m.insert(*h.finalize().as_bytes(), std::fs::metadata(&f)?.len());
     }
     Ok(m)
 }
