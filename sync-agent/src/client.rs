@@ -3,21 +3,19 @@
 //! Used by `sync-cli`; connects with a pinned server fingerprint.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use quinn::{Connection, Endpoint};
 use sync_core::commit::{CommitOptions, Receiver};
-use sync_core::manifest::Manifest;
 use sync_core::safefs::Root;
-use sync_core::session::{
-    ChunkLocator, SinkOptions, SinkSession, SourceOptions, SourceSession, Summary,
-};
+use sync_core::session::{SinkOptions, SinkSession, SourceOptions, SourceSession, Summary};
 use sync_core::wire::FrameDecoder;
 
 use crate::driver::{
-    drive_sink, drive_source, load_fetched_trees, DriveError, DriveOptions, Link, SinkIo, SourceIo,
+    drive_sink, drive_source, load_fetched_trees, DriveError, DriveOptions, LazyLocator, Link,
+    SinkIo, SourceIo,
 };
 use crate::identity::{Fingerprint, Identity};
 use crate::tls;
@@ -152,33 +150,26 @@ async fn finish(
     }
 }
 
-/// Push `manifest` (a scan of `src`) to the agent's tree `tree`.
+/// Push the snapshot `locator` describes (a scan of `src`) to the agent's
+/// tree `tree`.
 pub async fn push(
     addr: SocketAddr,
     tree: &str,
     id: &Identity,
     peer: Fingerprint,
-    manifest: Manifest,
+    locator: Arc<LazyLocator>,
     src: &Path,
     opts: DriveOptions,
 ) -> Result<RemoteOutcome, ClientError> {
     let session = SourceSession::client(
         tree,
         CLIENT_AGENT,
-        manifest.clone(),
+        locator.manifest().clone(),
         SourceOptions::default(),
         Instant::now(),
     )
     .map_err(|e| ClientError::Setup(e.to_string()))?;
-    let src_path: PathBuf = src.to_path_buf();
-    let (root, locator) = tokio::task::spawn_blocking(move || {
-        let root = Root::open(&src_path).map_err(|e| e.to_string())?;
-        let locator = ChunkLocator::build(&manifest).map_err(|e| e.to_string())?;
-        Ok::<_, String>((root, locator))
-    })
-    .await
-    .map_err(|e| ClientError::Setup(e.to_string()))?
-    .map_err(ClientError::Setup)?;
+    let root = Root::open(src).map_err(|e| ClientError::Setup(e.to_string()))?;
     let (endpoint, conn) = connect(addr, id, peer).await?;
     let (send, recv) = conn.open_bi().await.map_err(|e| ClientError::Connect {
         addr,
@@ -187,7 +178,7 @@ pub async fn push(
     let span = tracing::info_span!("session", %tree, dir = "push", root = tracing::field::Empty);
     let io = SourceIo {
         root: Arc::new(root),
-        locator: Arc::new(locator),
+        locator,
     };
     let link = Link {
         conn: conn.clone(),

@@ -17,13 +17,13 @@ use std::collections::VecDeque;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use quinn::{Connection, RecvStream, SendStream};
 use sync_core::commit::{CommitOptions, Receiver};
 use sync_core::hash::{ChunkId, SnapshotId, TreeId};
-use sync_core::manifest::lossy;
+use sync_core::manifest::{lossy, Manifest};
 use sync_core::safefs::Root;
 use sync_core::session::{
     ChunkLocator, SessionError, SinkEvent, SinkSession, SourceEvent, SourceSession, Summary,
@@ -130,7 +130,63 @@ pub struct Link {
 /// What the source end reads chunks from: the tree the manifest describes.
 pub struct SourceIo {
     pub root: Arc<Root>,
-    pub locator: Arc<ChunkLocator>,
+    pub locator: Arc<LazyLocator>,
+}
+
+/// The chunk index of an offered snapshot, built when the first chunk is
+/// asked for: a sync of an unchanged tree never pays for it, and a daemon
+/// hands in one that followed its previous snapshot.
+#[derive(Debug)]
+pub struct LazyLocator {
+    manifest: Manifest,
+    cell: OnceLock<Result<ChunkLocator, String>>,
+}
+
+impl LazyLocator {
+    pub fn new(manifest: Manifest) -> LazyLocator {
+        LazyLocator {
+            manifest,
+            cell: OnceLock::new(),
+        }
+    }
+
+    /// An index already built for `manifest`.
+    pub fn built(manifest: Manifest, locator: ChunkLocator) -> LazyLocator {
+        let cell = OnceLock::new();
+        let _ = cell.set(Ok(locator));
+        LazyLocator { manifest, cell }
+    }
+
+    /// The snapshot indexed.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// The index, if built.
+    pub fn get(&self) -> Option<&ChunkLocator> {
+        self.cell.get().and_then(|r| r.as_ref().ok())
+    }
+
+    /// The index, building it now if needed (blocking).
+    pub fn build(&self) -> Result<&ChunkLocator, String> {
+        self.cell
+            .get_or_init(|| ChunkLocator::build(&self.manifest).map_err(|e| e.to_string()))
+            .as_ref()
+            .map_err(Clone::clone)
+    }
+
+    /// The index of `next`, following this one when it is built (the cost
+    /// follows the change), else left to be built on first use. Blocking.
+    pub fn follow(&self, next: Manifest) -> LazyLocator {
+        if let Some(l) = self.get() {
+            let mut l = l.clone();
+            match l.update(&self.manifest, &next) {
+                Ok(()) => return LazyLocator::built(next, l),
+                Err(e) => tracing::debug!("chunk index rebuilt: {e}"),
+            }
+        }
+        LazyLocator::new(next)
+    }
 }
 
 /// What the sink end stages into and commits with.
@@ -156,6 +212,7 @@ enum Job {
     Stored(Result<Vec<ChunkId>, String>),
     Committed(Result<SnapshotId, String>),
     Read(Result<Vec<(ChunkId, Vec<u8>)>, String>),
+    Indexed(Result<(), String>),
 }
 
 /// Aborts a task when dropped.
@@ -399,6 +456,7 @@ pub async fn drive_source(
     let mut data_out: VecDeque<Vec<u8>> = VecDeque::new();
     let mut to_read: VecDeque<ChunkId> = VecDeque::new();
     let mut reading = 0usize;
+    let mut indexing = false;
     let mut rr = 0usize;
     let mut jobs: JoinSet<Job> = JoinSet::new();
     let mut peer_err: Option<DriveError> = None;
@@ -430,15 +488,21 @@ pub async fn drive_source(
                 }
             }
         }
-        while outcome.is_none()
-            && reading < READS_IN_FLIGHT
-            && data_out.len() < 2 * data_tx.len().max(1)
-            && !to_read.is_empty()
-        {
+        if outcome.is_none() && !to_read.is_empty() && io.locator.get().is_none() && !indexing {
+            indexing = true;
+            let locator = io.locator.clone();
+            blocking(&mut jobs, move || Job::Indexed(locator.build().map(|_| ())));
+        }
+        while let Some(locator) = io.locator.get().filter(|_| {
+            outcome.is_none()
+                && reading < READS_IN_FLIGHT
+                && data_out.len() < 2 * data_tx.len().max(1)
+                && !to_read.is_empty()
+        }) {
             let mut ids = Vec::new();
             let mut bytes = 0u64;
             while let Some(id) = to_read.front() {
-                let len = io.locator.get(id).map_or(0, |l| l.len as u64);
+                let len = locator.get(id).map_or(0, |l| l.len as u64);
                 if !ids.is_empty() && bytes + len > READ_BATCH {
                     break;
                 }
@@ -449,7 +513,8 @@ pub async fn drive_source(
             let (root, locator) = (io.root.clone(), io.locator.clone());
             reading += 1;
             blocking(&mut jobs, move || {
-                Job::Read(read_chunks(&root, &locator, &ids))
+                let r = locator.build().and_then(|l| read_chunks(&root, l, &ids));
+                Job::Read(r)
             });
         }
         if let Some(p) = &opts.progress {
@@ -462,15 +527,18 @@ pub async fn drive_source(
         let data_free = !data_out.is_empty() && !data_tx.is_empty();
         let next = rr % data_tx.len().max(1);
         tokio::select! {
-            Some(j) = jobs.join_next() => {
-                if let Ok(Job::Read(r)) = j {
-                    reading -= 1;
+            Some(j) = jobs.join_next() => match j {
+                Ok(Job::Read(r)) => {
+                    // (A failed worker of any job reads as a failed read.)
+                    reading = reading.saturating_sub(1);
                     match r {
                         Ok(chunks) => { let _ = session.send_chunks(chunks); }
                         Err(m) => session.abort(ErrorCode::Internal, m),
                     }
                 }
-            }
+                Ok(Job::Indexed(Err(m))) => session.abort(ErrorCode::Internal, m),
+                _ => {}
+            },
             p = ctl_tx.reserve(), if !ctl_out.is_empty() => match p {
                 Ok(p) => p.send(ctl_out.pop_front().expect("not empty")),
                 Err(_) => lost(&mut outcome, &mut ctl_out, &mut data_out, "control stream writer failed"),
@@ -637,8 +705,9 @@ pub async fn drive_sink(
                     let state = state_dir.clone();
                     blocking(&mut jobs, move || {
                         let mut r = recv.lock().expect("receiver lock");
-                        let mut m = manifest;
-                        m.gc();
+                        // Unreachable tree objects are dropped by the
+                        // receiver's own amortized rewrite, not per commit.
+                        let m = manifest;
                         let res = r
                             .plan(&m)
                             .and_then(|plan| r.commit(&m, &plan, &copts))
@@ -723,7 +792,7 @@ pub async fn drive_sink(
                 Ok(Job::Committed(r)) => { let _ = session.commit_done(r); }
                 Ok(Job::Stored(Err(m))) => { storing = false; session.abort(ErrorCode::Internal, m) }
                 Ok(Job::Missing(Err(m)) | Job::Read(Err(m))) => session.abort(ErrorCode::Internal, m),
-                Ok(Job::Read(Ok(_))) => {}
+                Ok(Job::Read(Ok(_)) | Job::Indexed(_)) => {}
                 Err(e) => session.abort(ErrorCode::Internal, format!("worker failed: {e}")),
             },
             p = ctl_tx.reserve(), if !ctl_out.is_empty() => match p {

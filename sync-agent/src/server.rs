@@ -15,11 +15,9 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use quinn::{Connection, Endpoint, RecvStream, SendStream};
-use sync_core::commit::{CommitError, CommitOptions, Receiver};
+use sync_core::commit::{CommitError, CommitOptions, Receiver, ReceiverCache};
 use sync_core::safefs::Root;
-use sync_core::session::{
-    accept, reject, ChunkLocator, SinkOptions, SinkSession, SourceOptions, SourceSession,
-};
+use sync_core::session::{accept, reject, SinkOptions, SinkSession, SourceOptions, SourceSession};
 use sync_core::state::{default_state_dir, StateError};
 use sync_core::wire::{encode, Direction, ErrorCode, Frame, FrameDecoder};
 use tokio::sync::watch;
@@ -28,7 +26,8 @@ use tracing::Instrument;
 
 use crate::config::{AgentConfig, TreeConfig};
 use crate::driver::{
-    drive_sink, drive_source, load_fetched_trees, read_frame, DriveOptions, Link, SinkIo, SourceIo,
+    drive_sink, drive_source, load_fetched_trees, read_frame, DriveOptions, LazyLocator, Link,
+    SinkIo, SourceIo,
 };
 use crate::identity::{Fingerprint, Identity};
 use crate::tls;
@@ -74,6 +73,8 @@ struct ServedTree {
     stop: watch::Sender<bool>,
     /// Sessions running on the tree.
     sessions: watch::Sender<usize>,
+    /// The committed manifest and chunk index, kept between sessions.
+    cache: Arc<ReceiverCache>,
 }
 
 type Trees = Arc<RwLock<HashMap<String, Arc<ServedTree>>>>;
@@ -103,8 +104,11 @@ fn open_tree(t: &TreeConfig) -> Result<ServedTree, ServerError> {
         path: t.path.clone(),
         source: Box::new(source),
     };
-    // Opening rolls forward a commit a crash interrupted.
-    let recv = Receiver::open(&t.path, t.state.as_deref()).map_err(err)?;
+    // Opening rolls forward a commit a crash interrupted; the manifest and
+    // chunk index it loads stay in the cache for the first session.
+    let cache = Arc::<ReceiverCache>::default();
+    let recv = Receiver::open_cached(&t.path, t.state.as_deref(), &cache).map_err(err)?;
+    recv.index_tree();
     if let Some(r) = recv.recovered() {
         tracing::warn!(tree = %t.name, files = r.files_written, "finished an interrupted commit");
     }
@@ -114,6 +118,7 @@ fn open_tree(t: &TreeConfig) -> Result<ServedTree, ServerError> {
         state: recv.state_dir().to_path_buf(),
         stop: watch::channel(false).0,
         sessions: watch::channel(0).0,
+        cache,
     })
 }
 
@@ -336,8 +341,9 @@ async fn serve_conn(conn: Connection, fp: Option<Fingerprint>, trees: Trees) {
 
 async fn serve_push(tree: &ServedTree, link: Link, opts: DriveOptions) -> Result<(), String> {
     let (dest, state) = (tree.dest.clone(), tree.cfg.state.clone());
+    let cache = tree.cache.clone();
     let opened = tokio::task::spawn_blocking(move || {
-        let r = Receiver::open(&dest, state.as_deref())?;
+        let r = Receiver::open_cached(&dest, state.as_deref(), &cache)?;
         let seeds = load_fetched_trees(r.state_dir());
         Ok::<_, CommitError>((r, seeds))
     })
@@ -398,23 +404,22 @@ async fn serve_pull(tree: &ServedTree, link: Link, opts: DriveOptions) -> Result
     let (dest, state) = (tree.dest.clone(), tree.state.clone());
     let loaded = tokio::task::spawn_blocking(move || {
         let m = sync_core::state::peek_manifest(&state).map_err(|e| e.to_string())?;
-        let locator = ChunkLocator::build(&m).map_err(|e| e.to_string())?;
         let root = Root::open(&dest).map_err(|e| e.to_string())?;
-        Ok::<_, String>((m, locator, root))
+        Ok::<_, String>((m, root))
     })
     .await
     .map_err(|e| e.to_string())?;
-    let (manifest, locator, root) = match loaded {
+    let (manifest, root) = match loaded {
         Ok(v) => v,
         Err(m) => {
             refuse_link(link, reject(ErrorCode::Internal, m.clone())).await;
             return Err(m);
         }
     };
-    let session = SourceSession::server(manifest, SourceOptions::default(), Instant::now());
+    let session = SourceSession::server(manifest.clone(), SourceOptions::default(), Instant::now());
     let io = SourceIo {
         root: Arc::new(root),
-        locator: Arc::new(locator),
+        locator: Arc::new(LazyLocator::new(manifest)),
     };
     let out = drive_source(session, io, link, opts).await;
     out.result.map(|_| ()).map_err(|e| e.to_string())

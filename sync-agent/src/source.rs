@@ -17,7 +17,7 @@ use sync_core::{Manifest, SnapshotId};
 use tokio::sync::watch;
 
 use crate::client::{self, RemoteUrl};
-use crate::driver::DriveOptions;
+use crate::driver::{DriveOptions, LazyLocator};
 use crate::identity::{Fingerprint, Identity};
 use crate::ratelimit::RateLimit;
 use crate::watcher::{Hints, Watch};
@@ -58,9 +58,25 @@ impl SourceConfig {
 pub struct Snapshot {
     pub manifest: Manifest,
     pub taken: SystemTime,
+    /// Its chunk index, shared by the pushes to every peer.
+    pub locator: Arc<LazyLocator>,
 }
 
 impl Snapshot {
+    /// A snapshot of `manifest` taken now, its chunk index following the
+    /// one of `prev` (the cost follows the change). Blocking.
+    fn follow(prev: Option<&Snapshot>, manifest: Manifest) -> Snapshot {
+        let locator = match prev {
+            Some(p) => p.locator.follow(manifest.clone()),
+            None => LazyLocator::new(manifest.clone()),
+        };
+        Snapshot {
+            manifest,
+            taken: SystemTime::now(),
+            locator: Arc::new(locator),
+        }
+    }
+
     pub fn root(&self) -> SnapshotId {
         self.manifest.snapshot()
     }
@@ -250,10 +266,13 @@ pub async fn run(
                         }
                     }
                     if changed {
-                        let _ = snap_tx.send(Some(Arc::new(Snapshot {
-                            manifest: out.manifest.clone(),
-                            taken: SystemTime::now(),
-                        })));
+                        let prev = snap_tx.borrow().clone();
+                        let m = out.manifest.clone();
+                        let snap = tokio::task::spawn_blocking(move || {
+                            Snapshot::follow(prev.as_deref(), m)
+                        })
+                        .await?;
+                        let _ = snap_tx.send(Some(Arc::new(snap)));
                     }
                     for w in waiting.drain(..) {
                         let _ = w.send(Ok(root));
@@ -419,10 +438,11 @@ pub async fn run_relay(
                     s.root = Some(root.to_hex());
                     s.snapshot_unix = unix(SystemTime::now());
                 }
-                let _ = snap_tx.send(Some(Arc::new(Snapshot {
-                    manifest: m,
-                    taken: SystemTime::now(),
-                })));
+                let prev = snap_tx.borrow().clone();
+                let snap =
+                    tokio::task::spawn_blocking(move || Snapshot::follow(prev.as_deref(), m))
+                        .await?;
+                let _ = snap_tx.send(Some(Arc::new(snap)));
             }
             Some(Err(e)) => {
                 tracing::warn!("cannot read the committed manifest: {e}");
@@ -543,7 +563,7 @@ async fn push_once(
         &d.url.tree,
         &pusher.identity,
         d.peer,
-        snap.manifest.clone(),
+        snap.locator.clone(),
         &pusher.root,
         opts,
     )

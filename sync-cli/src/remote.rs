@@ -156,7 +156,7 @@ pub fn push(o: PushOptions) -> Outcome {
         &url.tree,
         &id,
         peer,
-        manifest,
+        std::sync::Arc::new(sync_agent::driver::LazyLocator::new(manifest)),
         o.src(),
         opts,
     ));

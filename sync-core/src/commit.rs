@@ -26,7 +26,7 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use rayon::prelude::*;
 use rustix::fs::{
@@ -42,9 +42,14 @@ use crate::hash::{ChunkId, FileHash, SnapshotId};
 use crate::manifest::{lossy, Entry, Kind, Manifest, ManifestError};
 use crate::plan::{NodeKind, Op, PlanError, SyncPlan};
 use crate::safefs::{self, kind_of, lstat_at, Root, SafeFsError};
-use crate::state::{default_state_dir, Journal, StateDir, StateError};
+use crate::session::ChunkLocator;
+use crate::state::{default_state_dir, Head, Journal, StateDir, StateError};
 use crate::store::{ChunkSource, Sources, Staging, StoreError, TreeChunks};
 use crate::verify::{verify, VerifyError, VerifyOptions, VerifyReport};
+
+/// Bytes a tree log may grow past twice its size after the last rewrite
+/// before it is rewritten (small logs are not worth it).
+const COMPACT_SLACK: u64 = if cfg!(test) { 0 } else { 8 << 20 };
 
 /// Why a commit (or opening the receiver) failed.
 #[derive(Debug, thiserror::Error)]
@@ -132,9 +137,52 @@ pub struct Receiver {
     state: StateDir,
     staging: Staging,
     committed: Manifest,
+    /// Where `committed` is stored; `None` before the first commit.
+    head: Option<Head>,
     tree: OnceLock<TreeChunks>,
     /// Set after a roll-forward done by `open`.
     recovered: Option<CommitSummary>,
+    /// Where the committed manifest and chunk index go when this closes.
+    cache: Option<Arc<ReceiverCache>>,
+}
+
+/// What a long-running agent keeps of a tree between its sessions: the
+/// committed manifest and its chunk index, so that opening the tree again
+/// costs no more than reading its head. They are used only while the head
+/// on disk is still the one they belong to (no other process committed,
+/// no commit is pending).
+#[derive(Default)]
+pub struct ReceiverCache(Mutex<Option<Cached>>);
+
+struct Cached {
+    head: Head,
+    committed: Manifest,
+    index: Option<ChunkLocator>,
+}
+
+impl std::fmt::Debug for ReceiverCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let held = self.0.lock().map(|c| c.as_ref().map(|c| c.head.root));
+        f.debug_tuple("ReceiverCache").field(&held).finish()
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        // Still under the state directory's lock: nobody commits meanwhile.
+        let (Some(cache), Some(head)) = (&self.cache, self.head) else {
+            return;
+        };
+        let index = self.tree.take().map(TreeChunks::into_index);
+        let committed = std::mem::take(&mut self.committed);
+        if let Ok(mut c) = cache.0.lock() {
+            *c = Some(Cached {
+                head,
+                committed,
+                index,
+            });
+        }
+    }
 }
 
 impl std::fmt::Debug for Receiver {
@@ -152,6 +200,25 @@ impl Receiver {
     /// lock its state directory (`state` or the default sibling) and roll
     /// forward any interrupted commit.
     pub fn open(dest: &Path, state: Option<&Path>) -> Result<Receiver, CommitError> {
+        Self::open_with(dest, state, None)
+    }
+
+    /// Like [`Receiver::open`], taking the committed manifest from `cache`
+    /// when it still matches the state directory, and leaving it there
+    /// when this receiver is dropped.
+    pub fn open_cached(
+        dest: &Path,
+        state: Option<&Path>,
+        cache: &Arc<ReceiverCache>,
+    ) -> Result<Receiver, CommitError> {
+        Self::open_with(dest, state, Some(cache))
+    }
+
+    fn open_with(
+        dest: &Path,
+        state: Option<&Path>,
+        cache: Option<&Arc<ReceiverCache>>,
+    ) -> Result<Receiver, CommitError> {
         match std::fs::create_dir(dest) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
@@ -175,19 +242,34 @@ impl Receiver {
         let state = StateDir::open(&state_path, &dest)?;
         let root = Arc::new(Root::open(&dest)?);
         let staging = Staging::open(&state.staging_dir())?;
-        let committed = state.load_manifest()?;
+        let cached = cache.and_then(|c| c.0.lock().ok()?.take());
+        let pending = state.path().join("journal").exists();
+        let now = state.head()?;
+        let tree = OnceLock::new();
+        let (committed, head) = match cached {
+            Some(c) if !pending && Some(c.head) == now => {
+                if let Some(index) = c.index {
+                    let _ = tree.set(TreeChunks::from_index(root.clone(), index));
+                }
+                (c.committed, Some(c.head))
+            }
+            _ => state.load_committed()?,
+        };
         let mut r = Receiver {
             root,
             state,
             staging,
             committed,
-            tree: OnceLock::new(),
+            head,
+            tree,
             recovered: None,
+            cache: cache.cloned(),
         };
         r.recovered = r.recover()?;
         if r.recovered.is_none() {
             r.clean_scratch()?;
         }
+        r.state.remove_other_logs(r.head.as_ref())?;
         Ok(r)
     }
 
@@ -218,6 +300,12 @@ impl Receiver {
                     .expect("an empty manifest walks")
             })
         })
+    }
+
+    /// Build the committed tree's chunk index now rather than at the first
+    /// [`Receiver::have`] (which a session's latency would pay).
+    pub fn index_tree(&self) {
+        self.tree_chunks();
     }
 
     /// Whether a chunk is staged or (per the index, unverified) in the tree.
@@ -332,16 +420,31 @@ impl Receiver {
         rustix::fs::syncfs(&tmp).map_err(io_err("syncfs", b"tmp"))?;
         hit("after-syncfs");
 
-        let mut m = new.clone();
-        m.gc();
+        // The new snapshot's tree objects that the log lacks, then the
+        // journal naming them: both small, whatever the tree's size.
+        let (gen, at) = self.head.map_or((1, 0), |h| (h.gen, h.len));
+        let fresh = new
+            .packed()
+            .iter()
+            .filter(|(id, _)| self.head.is_none() || !self.committed.contains_tree(id))
+            .map(|(id, p)| (id, &p[..]));
+        let len = self.state.append_trees(gen, at, fresh)?;
+        hit("trees-appended");
         self.state.write_journal(&Journal {
             from: plan.from,
             to: plan.to,
             plan_digest: plan.digest(),
-            manifest: m.clone(),
+            gen,
+            len,
         })?;
         hit("journal-written");
-        let mut summary = self.apply_and_finish(plan, m, owners)?;
+        let head = Head {
+            root: new.root(),
+            gen,
+            len,
+            base: self.head.map_or(len, |h| h.base),
+        };
+        let mut summary = self.apply_and_finish(plan, new.clone(), head, owners)?;
         summary.files_written = files_written;
         summary.bytes_written = bytes_written;
         Ok(summary)
@@ -391,18 +494,44 @@ impl Receiver {
                 committed: self.committed.snapshot(),
             });
         }
-        let plan = SyncPlan::build(&self.committed, &j.manifest, |_| true)?;
-        if j.to != self.committed.snapshot() && plan.digest() != j.plan_digest {
-            return Err(StateError::Damaged {
-                path: self.state.path().join("journal"),
-                why: "the plan recomputed from it differs from the one journaled".into(),
-            }
-            .into());
+        if j.to == self.committed.snapshot() {
+            // Only the journal's removal was left to do.
+            self.state.remove_journal()?;
+            self.staging.clear()?;
+            self.clean_scratch()?;
+            return Ok(Some(CommitSummary {
+                root: Some(j.to),
+                rolled_forward: true,
+                ..CommitSummary::default()
+            }));
         }
+        let (gen, at) = self.head.map_or((1, 0), |h| (h.gen, h.len));
+        let damaged = |why: &str| StateError::Damaged {
+            path: self.state.path().join("journal"),
+            why: why.into(),
+        };
+        if j.gen != gen || j.len < at {
+            return Err(damaged("it names tree objects the state directory does not hold").into());
+        }
+        let mut new = self.committed.clone();
+        self.state.read_trees(gen, at, j.len, &mut new)?;
+        new.set_root(j.to.into())?;
+        let plan = SyncPlan::build(&self.committed, &new, |_| true)?;
+        if plan.digest() != j.plan_digest {
+            return Err(
+                damaged("the plan recomputed from it differs from the one journaled").into(),
+            );
+        }
+        let head = Head {
+            root: new.root(),
+            gen,
+            len: j.len,
+            base: self.head.map_or(j.len, |h| h.base),
+        };
         // Owners were applied to the temps already; later steps re-apply
         // them only when they are ours to set.
         let owners = rustix::process::geteuid().is_root();
-        let mut s = self.apply_and_finish(&plan, j.manifest, owners)?;
+        let mut s = self.apply_and_finish(&plan, new, head, owners)?;
         s.rolled_forward = true;
         Ok(Some(s))
     }
@@ -411,6 +540,7 @@ impl Receiver {
         &mut self,
         plan: &SyncPlan,
         new: Manifest,
+        head: Head,
         owners: bool,
     ) -> Result<CommitSummary, CommitError> {
         let tmp = self.open_state_dir("tmp")?;
@@ -430,16 +560,44 @@ impl Receiver {
             rustix::fs::syncfs(&tmp).map_err(io_err("syncfs", b"tmp"))?;
         }
         hit("before-manifest-store");
-        self.state.store_manifest(&new)?;
+        self.state.store_head(&head)?;
         hit("before-journal-delete");
         self.state.remove_journal()?;
         hit("journal-deleted");
+        if let Some(t) = self.tree.get_mut() {
+            if let Err(e) = t.update(&self.committed, &new) {
+                tracing::warn!("chunk index dropped: {e}");
+                self.tree = OnceLock::new();
+            }
+        }
         self.committed = new;
-        self.tree = OnceLock::new();
+        self.head = Some(head);
         self.staging.clear()?;
         self.clean_scratch()?;
+        self.compact_if_due()?;
         tracing::info!(?summary, "committed");
         Ok(summary)
+    }
+
+    /// Rewrite the tree log without the objects no snapshot reaches any
+    /// more, once it has grown to twice its size after the last rewrite.
+    fn compact_if_due(&mut self) -> Result<(), CommitError> {
+        let Some(head) = self.head else {
+            return Ok(());
+        };
+        if head.len <= 2 * head.base + COMPACT_SLACK {
+            return Ok(());
+        }
+        let mut live = self.committed.clone();
+        live.gc();
+        let next = self.state.rewrite_log(&live, head.gen + 1)?;
+        hit("log-rewritten");
+        self.state.store_head(&next)?;
+        self.state.remove_other_logs(Some(&next))?;
+        tracing::debug!(from = head.len, to = next.len, "tree log rewritten");
+        self.committed = live;
+        self.head = Some(next);
+        Ok(())
     }
 }
 
@@ -896,11 +1054,18 @@ pub fn push_local(
     let plan = recv.plan(src)?;
     // Every chunk of the plan, not only the missing ones: a tree copy that
     // fails verification at commit time is then read from the source.
-    let wanted: HashSet<ChunkId> = plan.chunks.iter().map(|c| c.0).collect();
-    let src_chunks = TreeChunks::build_filtered(Arc::new(Root::open(src_root)?), src, |id| {
-        wanted.contains(id)
-    })?;
+    let src_chunks = TreeChunks::from_index(Arc::new(Root::open(src_root)?), plan_files(&plan));
     recv.commit_with(src, &plan, opts, Some(&src_chunks))
+}
+
+/// Where the chunks of the files a plan writes are, in the source tree:
+/// found from the plan alone, so the cost follows the change.
+fn plan_files(plan: &SyncPlan) -> ChunkLocator {
+    let mut index = ChunkLocator::default();
+    for op in &plan.files {
+        index.add_file(&op.path, &op.entry);
+    }
+    index
 }
 
 /// Like [`push_local`], but every missing chunk travels through the
@@ -913,9 +1078,7 @@ pub fn push_local_staged(
 ) -> Result<CommitSummary, CommitError> {
     let plan = recv.plan(src)?;
     let missing = recv.missing_chunks(&plan);
-    let want: HashSet<ChunkId> = missing.iter().map(|c| c.0).collect();
-    let src_chunks =
-        TreeChunks::build_filtered(Arc::new(Root::open(src_root)?), src, |id| want.contains(id))?;
+    let src_chunks = TreeChunks::from_index(Arc::new(Root::open(src_root)?), plan_files(&plan));
     for (id, _) in missing {
         let data = src_chunks
             .read(&id)
@@ -947,6 +1110,77 @@ mod tests {
             },
             replaces: None,
         }
+    }
+
+    fn scan(src: &Path) -> Manifest {
+        let opts = crate::scan::ScanOptions {
+            cache: None,
+            owners: false,
+        };
+        crate::scan::scan(src, &opts).unwrap().manifest
+    }
+
+    fn index_of(r: &Receiver) -> Vec<(ChunkId, Vec<u8>)> {
+        let t = r.tree_chunks();
+        let mut v: Vec<_> = t
+            .index()
+            .ids()
+            .map(|id| (*id, t.locate(id).unwrap().0.to_vec()))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// A receiver kept in a cache across sessions follows every commit:
+    /// its manifest and chunk index equal freshly loaded ones, the tree log
+    /// is rewritten once mostly garbage, and a commit by another process
+    /// makes the cache stale rather than wrong.
+    #[test]
+    fn a_cached_receiver_follows_commits_and_rewrites_its_log() {
+        let t = tempfile::tempdir().unwrap();
+        let (src, dest) = (t.path().join("src"), t.path().join("dest"));
+        std::fs::create_dir_all(src.join("d")).unwrap();
+        let cache = Arc::new(ReceiverCache::default());
+        let opts = CommitOptions::default();
+        for step in 0..8u32 {
+            std::fs::write(src.join(format!("f{step}")), vec![step as u8; 70_000]).unwrap();
+            std::fs::write(src.join("d/same"), format!("v{}", step % 3)).unwrap();
+            if step >= 2 {
+                std::fs::remove_file(src.join(format!("f{}", step - 2))).unwrap();
+            }
+            let m = scan(&src);
+            {
+                let mut r = Receiver::open_cached(&dest, None, &cache).unwrap();
+                if step > 0 {
+                    assert!(r.tree.get().is_some(), "index kept from the last session");
+                }
+                push_local(&m, &src, &mut r, &opts).unwrap();
+            }
+            let cached = Receiver::open_cached(&dest, None, &cache).unwrap();
+            let cached_index = index_of(&cached);
+            let cached_root = cached.committed().root();
+            drop(cached);
+            let fresh = Receiver::open(&dest, None).unwrap();
+            assert_eq!(fresh.committed().root(), m.root());
+            assert_eq!(cached_root, m.root());
+            assert_eq!(index_of(&fresh), cached_index, "step {step}");
+            assert!(fresh.verify(&VerifyOptions::default()).unwrap().is_clean());
+        }
+        let head =
+            crate::state::read_head(&default_state_dir(&dest.canonicalize().unwrap()).unwrap())
+                .unwrap()
+                .unwrap();
+        assert!(head.gen > 1, "the log was rewritten: {head:?}");
+
+        // Another process commits: the cache is stale and not used.
+        std::fs::write(src.join("late"), b"late").unwrap();
+        let m = scan(&src);
+        let mut other = Receiver::open(&dest, None).unwrap();
+        push_local(&m, &src, &mut other, &opts).unwrap();
+        drop(other);
+        let r = Receiver::open_cached(&dest, None, &cache).unwrap();
+        assert_eq!(r.committed().root(), m.root());
+        assert!(r.tree.get().is_none());
     }
 
     /// The applier itself refuses hostile paths, even in a plan that never

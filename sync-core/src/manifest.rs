@@ -416,6 +416,16 @@ impl Manifest {
         Ok(tree)
     }
 
+    /// Store a tree object in its packed form (as [`Manifest::packed`]
+    /// hands it out), after checking it unpacks to bytes of hash `id`.
+    pub fn insert_packed(&mut self, id: TreeId, packed: Arc<[u8]>) -> Result<(), ManifestError> {
+        if TreeId::of(&unpack(&packed)?) != id {
+            return Err(ManifestError::HashMismatch(id));
+        }
+        self.trees.entry(id).or_insert(packed);
+        Ok(())
+    }
+
     /// Point the manifest at a new root (which must be stored).
     pub fn set_root(&mut self, root: TreeId) -> Result<(), ManifestError> {
         if !self.trees.contains_key(&root) {
@@ -531,6 +541,16 @@ impl Manifest {
     /// children.
     pub fn walk(&self, mut visit: impl FnMut(&[u8], &Entry) -> bool) -> Result<(), ManifestError> {
         self.walk_from(self.root, Vec::new(), &mut visit, 0)
+    }
+
+    /// Like [`Manifest::walk`] over the subtree `id` found at `prefix`.
+    pub fn walk_tree(
+        &self,
+        id: TreeId,
+        prefix: &[u8],
+        mut visit: impl FnMut(&[u8], &Entry) -> bool,
+    ) -> Result<(), ManifestError> {
+        self.walk_from(id, prefix.to_vec(), &mut visit, 0)
     }
 
     fn walk_from(

@@ -9,12 +9,20 @@
 //! ```text
 //! lock        flock(LOCK_EX) held while open
 //! dest        the canonical tree path this state belongs to
-//! manifest    committed manifest (Manifest::encode), replaced atomically
+//! head        the committed root and where its tree objects are (Head),
+//!             replaced atomically
+//! trees.<gen> append-only log of packed tree objects; the committed
+//!             snapshot's are in its first `Head::len` bytes; rewritten to
+//!             the next generation when mostly garbage
 //! journal     intent of a commit in progress (see Journal), atomic
 //! staging/    pack + index of received chunks (store::Staging)
 //! tmp/        files and symlinks under construction
 //! trash/      removed subtrees awaiting deletion
 //! ```
+//!
+//! A commit appends only the tree objects that are new, so what it writes
+//! here follows the change, not the size of the tree (an older `manifest`
+//! file, the whole snapshot in one blob, is still read and migrated).
 //! Blocking IO.
 
 use std::fs::{File, OpenOptions};
@@ -23,32 +31,199 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use crate::crashpoint;
-use crate::hash::SnapshotId;
+use crate::hash::{SnapshotId, TreeId};
 use crate::manifest::{Manifest, ManifestError};
 
 /// The committed manifest in the state directory `path`, read without
-/// taking the lock or creating anything (for `--dry-run`); an empty tree
-/// if nothing was committed there.
+/// taking the lock or creating anything (for `--dry-run`, a pull, a relay);
+/// an empty tree if nothing was committed there. A commit running beside
+/// it only appends past the head's length, and a compaction that removes
+/// the log being read makes it start over.
 pub fn peek_manifest(path: &Path) -> Result<Manifest, StateError> {
-    let p = path.join("manifest");
-    match std::fs::read(&p) {
-        Ok(b) => Manifest::decode(&b).map_err(|source| StateError::Manifest { path: p, source }),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Manifest::empty()),
-        Err(e) => Err(ioe("read", &p)(e)),
+    let mut tries = 0;
+    loop {
+        let Some(head) = read_head(path)? else {
+            return read_v1_manifest(path).map(|m| m.unwrap_or_default());
+        };
+        match load_trees(path, &head) {
+            Err(StateError::Io { source, .. })
+                if source.kind() == io::ErrorKind::NotFound && tries < 3 =>
+            {
+                tries += 1;
+            }
+            other => return other,
+        }
     }
 }
 
-/// The root of the committed manifest in the state directory `path`, read
-/// from its header alone, if there is one and no commit is pending (no
-/// journal): lets an unchanged push stop after comparing roots.
+/// The committed root in the state directory `path`, from its head alone,
+/// if there is one and no commit is pending (no journal): lets an
+/// unchanged push stop after comparing roots.
 pub fn peek_committed_root(path: &Path) -> Option<crate::hash::TreeId> {
     if path.join("journal").exists() {
         return None;
     }
-    let mut head = [0u8; 38];
-    let mut f = File::open(path.join("manifest")).ok()?;
-    std::io::Read::read_exact(&mut f, &mut head).ok()?;
-    Manifest::header_root(&head)
+    match read_head(path).ok()? {
+        Some(h) => Some(h.root),
+        None => {
+            let mut head = [0u8; 38];
+            let mut f = File::open(path.join(V1_MANIFEST)).ok()?;
+            std::io::Read::read_exact(&mut f, &mut head).ok()?;
+            Manifest::header_root(&head)
+        }
+    }
+}
+
+/// The whole-snapshot manifest file of the first state format.
+const V1_MANIFEST: &str = "manifest";
+const HEAD_FILE: &str = "head";
+const HEAD_MAGIC: [u8; 4] = *b"SYHD";
+const HEAD_VERSION: u16 = 1;
+const HEAD_LEN: usize = 4 + 2 + 32 + 3 * 8 + 32;
+/// Largest record in a tree log: a packed tree is its encoding plus a tag.
+const MAX_RECORD: usize = crate::manifest::MAX_TREE_BYTES + 16;
+
+/// The committed snapshot: its root, and where its tree objects are (the
+/// first `len` bytes of the log `trees.<gen>`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Head {
+    pub root: TreeId,
+    pub gen: u64,
+    pub len: u64,
+    /// The log's length right after it was last rewritten: it is rewritten
+    /// again once it has grown well past it (garbage is then bounded by the
+    /// live size, and the rewrite's cost by what was appended since).
+    pub base: u64,
+}
+
+impl Head {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(HEAD_LEN);
+        out.extend_from_slice(&HEAD_MAGIC);
+        out.extend_from_slice(&HEAD_VERSION.to_le_bytes());
+        out.extend_from_slice(self.root.as_bytes());
+        for n in [self.gen, self.len, self.base] {
+            out.extend_from_slice(&n.to_le_bytes());
+        }
+        let sum = blake3::hash(&out);
+        out.extend_from_slice(sum.as_bytes());
+        out
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Head, String> {
+        if b.len() != HEAD_LEN {
+            return Err(format!("{} bytes, want {HEAD_LEN}", b.len()));
+        }
+        let (body, sum) = b.split_at(HEAD_LEN - 32);
+        if blake3::hash(body).as_bytes() != sum {
+            return Err("checksum mismatch".into());
+        }
+        if body[..4] != HEAD_MAGIC {
+            return Err("bad magic".into());
+        }
+        let version = u16::from_le_bytes([body[4], body[5]]);
+        if version != HEAD_VERSION {
+            return Err(format!("unsupported version {version}"));
+        }
+        let n = |at: usize| u64::from_le_bytes(body[at..at + 8].try_into().expect("8 bytes"));
+        let head = Head {
+            root: TreeId(body[6..38].try_into().expect("32 bytes")),
+            gen: n(38),
+            len: n(46),
+            base: n(54),
+        };
+        if head.base > head.len {
+            return Err("base beyond length".into());
+        }
+        Ok(head)
+    }
+
+    fn log_name(gen: u64) -> String {
+        format!("trees.{gen}")
+    }
+}
+
+/// The head of the state directory `path`, if one was written.
+pub fn read_head(path: &Path) -> Result<Option<Head>, StateError> {
+    let p = path.join(HEAD_FILE);
+    match std::fs::read(&p) {
+        Ok(b) => Head::decode(&b)
+            .map(Some)
+            .map_err(|why| StateError::Damaged { path: p, why }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(ioe("read", &p)(e)),
+    }
+}
+
+fn read_v1_manifest(path: &Path) -> Result<Option<Manifest>, StateError> {
+    let p = path.join(V1_MANIFEST);
+    match std::fs::read(&p) {
+        Ok(b) => Manifest::decode(&b)
+            .map(Some)
+            .map_err(|source| StateError::Manifest { path: p, source }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(ioe("read", &p)(e)),
+    }
+}
+
+/// The committed manifest named by `head`.
+fn load_trees(path: &Path, head: &Head) -> Result<Manifest, StateError> {
+    let mut m = Manifest::empty();
+    read_log(path, head.gen, 0, head.len, &mut m)?;
+    m.set_root(head.root)
+        .map_err(|source| StateError::Manifest {
+            path: path.join(Head::log_name(head.gen)),
+            source,
+        })?;
+    Ok(m)
+}
+
+/// Add the tree objects in bytes `from..to` of log `gen` to `m`.
+fn read_log(path: &Path, gen: u64, from: u64, to: u64, m: &mut Manifest) -> Result<(), StateError> {
+    if to <= from {
+        return Ok(());
+    }
+    let p = path.join(Head::log_name(gen));
+    let f = File::open(&p).map_err(ioe("open", &p))?;
+    let mut buf = vec![0u8; (to - from) as usize];
+    std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, from).map_err(ioe("read", &p))?;
+    for (id, packed) in decode_log(&buf).map_err(|why| StateError::Damaged {
+        path: p.clone(),
+        why,
+    })? {
+        m.insert_packed(id, packed.into())
+            .map_err(|source| StateError::Manifest {
+                path: p.clone(),
+                source,
+            })?;
+    }
+    Ok(())
+}
+
+/// One record of a tree log: id, length, packed tree object.
+pub fn encode_log_record(out: &mut Vec<u8>, id: &TreeId, packed: &[u8]) {
+    out.extend_from_slice(id.as_bytes());
+    out.extend_from_slice(&(packed.len() as u32).to_le_bytes());
+    out.extend_from_slice(packed);
+}
+
+/// Split a run of whole tree-log records (each tree is checked against its
+/// id when inserted into a manifest).
+pub fn decode_log(mut b: &[u8]) -> Result<Vec<(TreeId, &[u8])>, String> {
+    let mut out = Vec::new();
+    while !b.is_empty() {
+        if b.len() < 36 {
+            return Err("truncated record".into());
+        }
+        let id = TreeId(b[..32].try_into().expect("32 bytes"));
+        let len = u32::from_le_bytes(b[32..36].try_into().expect("4 bytes")) as usize;
+        if len > MAX_RECORD || len > b.len() - 36 {
+            return Err(format!("record of {len} bytes out of bounds"));
+        }
+        out.push((id, &b[36..36 + len]));
+        b = &b[36 + len..];
+    }
+    Ok(out)
 }
 
 /// Why the state directory could not be used.
@@ -118,40 +293,42 @@ pub fn sync_dir(dir: &Path) -> Result<(), StateError> {
 }
 
 const JOURNAL_MAGIC: [u8; 4] = *b"SYJN";
-const JOURNAL_VERSION: u16 = 1;
+const JOURNAL_VERSION: u16 = 2;
+const JOURNAL_LEN: usize = 4 + 2 + 3 * 32 + 2 * 8 + 32;
 
 /// The intent of a commit, durable before the tree is touched: the
-/// snapshot committed before, the snapshot being committed (its whole
-/// manifest) and the digest of the plan between them. The plan itself is
-/// recomputed on roll-forward (it is a pure function of the two manifests)
-/// and checked against the digest.
-#[derive(Clone, Debug)]
+/// snapshot committed before, the snapshot being committed, the digest of
+/// the plan between them, and the tree log holding the new snapshot's tree
+/// objects (log `gen` up to `len`, appended before the journal is written).
+/// The plan itself is recomputed on roll-forward (it is a pure function of
+/// the two manifests) and checked against the digest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Journal {
     pub from: SnapshotId,
     pub to: SnapshotId,
     pub plan_digest: [u8; 32],
-    pub manifest: Manifest,
+    pub gen: u64,
+    pub len: u64,
 }
 
 impl Journal {
     pub fn encode(&self) -> Vec<u8> {
-        let m = self.manifest.encode();
-        let mut out = Vec::with_capacity(m.len() + 150);
+        let mut out = Vec::with_capacity(JOURNAL_LEN);
         out.extend_from_slice(&JOURNAL_MAGIC);
         out.extend_from_slice(&JOURNAL_VERSION.to_le_bytes());
         out.extend_from_slice(self.from.as_bytes());
         out.extend_from_slice(self.to.as_bytes());
         out.extend_from_slice(&self.plan_digest);
-        out.extend_from_slice(&(m.len() as u64).to_le_bytes());
-        out.extend_from_slice(&m);
+        out.extend_from_slice(&self.gen.to_le_bytes());
+        out.extend_from_slice(&self.len.to_le_bytes());
         let sum = blake3::hash(&out);
         out.extend_from_slice(sum.as_bytes());
         out
     }
 
     pub fn decode(b: &[u8]) -> Result<Journal, String> {
-        if b.len() < 4 + 2 + 96 + 8 + 32 {
-            return Err("truncated".into());
+        if b.len() != JOURNAL_LEN {
+            return Err(format!("{} bytes, want {JOURNAL_LEN}", b.len()));
         }
         let (body, sum) = b.split_at(b.len() - 32);
         if blake3::hash(body).as_bytes() != sum {
@@ -165,21 +342,14 @@ impl Journal {
             return Err(format!("unsupported version {version}"));
         }
         let id = |at: usize| -> [u8; 32] { body[at..at + 32].try_into().expect("32 bytes") };
-        let len = u64::from_le_bytes(body[102..110].try_into().expect("8 bytes"));
-        if len != (body.len() - 110) as u64 {
-            return Err("length mismatch".into());
-        }
-        let manifest = Manifest::decode(&body[110..]).map_err(|e| e.to_string())?;
-        let j = Journal {
+        let n = |at: usize| u64::from_le_bytes(body[at..at + 8].try_into().expect("8 bytes"));
+        Ok(Journal {
             from: SnapshotId(id(6)),
             to: SnapshotId(id(38)),
             plan_digest: id(70),
-            manifest,
-        };
-        if j.manifest.snapshot() != j.to {
-            return Err("manifest does not match the journaled root".into());
-        }
-        Ok(j)
+            gen: n(102),
+            len: n(110),
+        })
     }
 }
 
@@ -246,13 +416,104 @@ impl StateDir {
         self.path.join("trash")
     }
 
-    /// The committed manifest; an empty tree if nothing was committed yet.
-    pub fn load_manifest(&self) -> Result<Manifest, StateError> {
-        peek_manifest(&self.path)
+    /// The committed manifest and its head (`None` if nothing was
+    /// committed yet). A state directory of the first format is migrated:
+    /// its manifest is written as a tree log and a head.
+    pub fn load_committed(&self) -> Result<(Manifest, Option<Head>), StateError> {
+        if let Some(head) = read_head(&self.path)? {
+            return Ok((load_trees(&self.path, &head)?, Some(head)));
+        }
+        let Some(m) = read_v1_manifest(&self.path)? else {
+            return Ok((Manifest::empty(), None));
+        };
+        let head = self.rewrite_log(&m, 1)?;
+        self.store_head(&head)?;
+        let p = self.path.join(V1_MANIFEST);
+        std::fs::remove_file(&p).map_err(ioe("remove", &p))?;
+        Ok((m, Some(head)))
     }
 
-    pub fn store_manifest(&self, m: &Manifest) -> Result<(), StateError> {
-        write_atomic(&self.path, "manifest", &m.encode())
+    /// The head on disk now.
+    pub fn head(&self) -> Result<Option<Head>, StateError> {
+        read_head(&self.path)
+    }
+
+    pub fn store_head(&self, head: &Head) -> Result<(), StateError> {
+        write_atomic(&self.path, HEAD_FILE, &head.encode())
+    }
+
+    /// Append tree objects to log `gen` after its first `at` bytes (a torn
+    /// tail of an interrupted commit is cut off first) and make them
+    /// durable. Returns the log's new length.
+    pub fn append_trees<'a>(
+        &self,
+        gen: u64,
+        at: u64,
+        trees: impl IntoIterator<Item = (&'a TreeId, &'a [u8])>,
+    ) -> Result<u64, StateError> {
+        let p = self.path.join(Head::log_name(gen));
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&p)
+            .map_err(ioe("open", &p))?;
+        let fresh = at == 0;
+        f.set_len(at).map_err(ioe("truncate", &p))?;
+        let mut buf = Vec::new();
+        for (id, packed) in trees {
+            encode_log_record(&mut buf, id, packed);
+        }
+        crashpoint::check_write().map_err(ioe("write", &p))?;
+        std::os::unix::fs::FileExt::write_all_at(&f, &buf, at).map_err(ioe("write", &p))?;
+        f.sync_data().map_err(ioe("fsync", &p))?;
+        if fresh {
+            sync_dir(&self.path)?;
+        }
+        Ok(at + buf.len() as u64)
+    }
+
+    /// Add the tree objects in bytes `from..to` of log `gen` to `m`.
+    pub fn read_trees(
+        &self,
+        gen: u64,
+        from: u64,
+        to: u64,
+        m: &mut Manifest,
+    ) -> Result<(), StateError> {
+        read_log(&self.path, gen, from, to, m)
+    }
+
+    /// Write every tree object of `m` (garbage-collected by the caller) to
+    /// the fresh log `gen`; the head naming it is the caller's to store,
+    /// after which [`StateDir::remove_other_logs`] drops the old one.
+    pub fn rewrite_log(&self, m: &Manifest, gen: u64) -> Result<Head, StateError> {
+        let mut ids: Vec<(&TreeId, &[u8])> =
+            m.packed().iter().map(|(id, p)| (id, &p[..])).collect();
+        ids.sort_unstable_by_key(|(id, _)| **id);
+        let len = self.append_trees(gen, 0, ids)?;
+        Ok(Head {
+            root: m.root(),
+            gen,
+            len,
+            base: len,
+        })
+    }
+
+    /// Remove tree logs other than the head's (left by a crash during a
+    /// rewrite, or replaced by one).
+    pub fn remove_other_logs(&self, head: Option<&Head>) -> Result<(), StateError> {
+        let keep = head.map(|h| Head::log_name(h.gen));
+        let dir = std::fs::read_dir(&self.path).map_err(ioe("list", &self.path))?;
+        for e in dir.flatten() {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with("trees.") && Some(name.as_ref()) != keep.as_deref() {
+                std::fs::remove_file(e.path()).map_err(ioe("remove", &e.path()))?;
+            }
+        }
+        Ok(())
     }
 
     /// The journal of an interrupted commit. A damaged journal cannot come
@@ -314,25 +575,103 @@ mod tests {
     }
 
     #[test]
-    fn journal_round_trip_and_damage() {
-        let m = Manifest::empty();
+    fn journal_and_head_round_trip_and_damage() {
         let j = Journal {
             from: SnapshotId([1; 32]),
-            to: m.snapshot(),
+            to: SnapshotId([3; 32]),
             plan_digest: [2; 32],
-            manifest: m,
+            gen: 4,
+            len: 5,
         };
         let b = j.encode();
-        let back = Journal::decode(&b).unwrap();
-        assert_eq!(
-            (back.from, back.to, back.plan_digest),
-            (j.from, j.to, j.plan_digest)
-        );
+        assert_eq!(Journal::decode(&b).unwrap(), j);
         for cut in [0, 10, b.len() - 1] {
             assert!(Journal::decode(&b[..cut]).is_err());
         }
         let mut bad = b.clone();
         bad[50] ^= 1;
         assert!(Journal::decode(&bad).is_err());
+        let h = Head {
+            root: TreeId([9; 32]),
+            gen: 2,
+            len: 100,
+            base: 50,
+        };
+        let b = h.encode();
+        assert_eq!(Head::decode(&b).unwrap(), h);
+        let mut bad = b.clone();
+        bad[40] ^= 1;
+        assert!(Head::decode(&bad).is_err());
+        assert!(Head::decode(&b[..b.len() - 1]).is_err());
+    }
+
+    #[test]
+    fn tree_log_appends_cuts_torn_tails_and_rewrites() {
+        use crate::manifest::tests::file;
+        let d = tempfile::tempdir().unwrap();
+        let st = StateDir::open(&d.path().join("st"), Path::new("/x/a")).unwrap();
+        let mut m = Manifest::empty();
+        m.set_entry(b"a", Some(file(b"a", b"1"))).unwrap();
+        m.gc();
+        let head = st.rewrite_log(&m, 1).unwrap();
+        st.store_head(&head).unwrap();
+        assert_eq!(peek_manifest(st.path()).unwrap().root(), m.root());
+
+        // A second snapshot appends only its new tree; a torn tail left by
+        // an interrupted append is cut off by the next one.
+        let mut n = m.clone();
+        n.set_entry(b"b", Some(file(b"b", b"2"))).unwrap();
+        let new: Vec<_> = n
+            .packed()
+            .iter()
+            .filter(|(id, _)| !m.contains_tree(id))
+            .map(|(id, p)| (id, &p[..]))
+            .collect();
+        assert_eq!(new.len(), 1);
+        st.append_trees(1, head.len, [(&TreeId([7; 32]), &b"junk"[..])])
+            .unwrap();
+        let len = st.append_trees(1, head.len, new).unwrap();
+        let log = std::fs::read(st.path().join("trees.1")).unwrap();
+        assert_eq!(log.len() as u64, len);
+        let mut back = peek_manifest(st.path()).unwrap();
+        st.read_trees(1, head.len, len, &mut back).unwrap();
+        back.set_root(n.root()).unwrap();
+        assert_eq!(back.lookup(b"b").unwrap().unwrap(), file(b"b", b"2"));
+
+        // Damage is an error, not a different tree.
+        let mut bad = log.clone();
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        std::fs::write(st.path().join("trees.1"), &bad).unwrap();
+        let mut m2 = Manifest::empty();
+        assert!(st.read_trees(1, head.len, len, &mut m2).is_err());
+        assert!(decode_log(&bad[..bad.len() - 1]).is_err());
+
+        // A rewrite to the next generation drops the old log.
+        n.gc();
+        let h2 = st.rewrite_log(&n, 2).unwrap();
+        st.store_head(&h2).unwrap();
+        st.remove_other_logs(Some(&h2)).unwrap();
+        assert!(!st.path().join("trees.1").exists());
+        assert_eq!(peek_manifest(st.path()).unwrap().root(), n.root());
+        assert_eq!(peek_committed_root(st.path()), Some(n.root()));
+    }
+
+    #[test]
+    fn a_first_format_manifest_is_migrated() {
+        use crate::manifest::tests::file;
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("st");
+        let st = StateDir::open(&p, Path::new("/x/a")).unwrap();
+        let mut m = Manifest::empty();
+        m.set_entry(b"a", Some(file(b"a", b"1"))).unwrap();
+        std::fs::write(p.join("manifest"), m.encode()).unwrap();
+        assert_eq!(peek_committed_root(&p), Some(m.root()));
+        assert_eq!(peek_manifest(&p).unwrap().root(), m.root());
+        let (back, head) = st.load_committed().unwrap();
+        assert_eq!(back.root(), m.root());
+        assert_eq!(head.unwrap().root, m.root());
+        assert!(!p.join("manifest").exists());
+        assert_eq!(peek_manifest(&p).unwrap().root(), m.root());
     }
 }

@@ -12,11 +12,12 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::chunk::{chunk_spans, MAX_CHUNK};
+use crate::chunk::MAX_CHUNK;
 use crate::crashpoint;
 use crate::hash::ChunkId;
-use crate::manifest::{Kind, Manifest, ManifestError};
+use crate::manifest::{Manifest, ManifestError};
 use crate::safefs::Root;
+use crate::session::ChunkLocator;
 
 /// Why staging failed.
 #[derive(Debug, thiserror::Error)]
@@ -307,8 +308,7 @@ impl ChunkSource for Staging {
 /// describes: (path, offset, length), first file in canonical order wins.
 pub struct TreeChunks {
     root: Arc<Root>,
-    paths: Vec<Vec<u8>>,
-    at: HashMap<ChunkId, (u32, u64, u32)>,
+    index: ChunkLocator,
 }
 
 impl TreeChunks {
@@ -321,51 +321,52 @@ impl TreeChunks {
     pub fn build_filtered(
         root: Arc<Root>,
         manifest: &Manifest,
-        mut want: impl FnMut(&ChunkId) -> bool,
+        want: impl FnMut(&ChunkId) -> bool,
     ) -> Result<TreeChunks, ManifestError> {
-        let mut paths = Vec::new();
-        let mut at = HashMap::new();
-        manifest.walk(|path, e| {
-            if let Kind::File { size, hash, chunks } = &e.kind {
-                let idx = paths.len() as u32;
-                let mut used = false;
-                for (id, off, len) in chunk_spans(*size, *hash, chunks) {
-                    if !at.contains_key(&id) && want(&id) {
-                        at.insert(id, (idx, off, len));
-                        used = true;
-                    }
-                }
-                if used {
-                    paths.push(path.to_vec());
-                }
-            }
-            true
-        })?;
-        Ok(TreeChunks { root, paths, at })
+        let index = ChunkLocator::build_filtered(manifest, want)?;
+        Ok(TreeChunks { root, index })
+    }
+
+    /// An index built earlier (e.g. kept across sessions) over `root`.
+    pub fn from_index(root: Arc<Root>, index: ChunkLocator) -> TreeChunks {
+        TreeChunks { root, index }
+    }
+
+    pub fn index(&self) -> &ChunkLocator {
+        &self.index
+    }
+
+    pub fn into_index(self) -> ChunkLocator {
+        self.index
+    }
+
+    /// Follow the tree from `old` to `new` (see [`ChunkLocator::update`]).
+    pub fn update(&mut self, old: &Manifest, new: &Manifest) -> Result<(), ManifestError> {
+        self.index.update(old, new)
     }
 
     pub fn len(&self) -> usize {
-        self.at.len()
+        self.index.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.at.is_empty()
+        self.index.is_empty()
     }
 
     pub fn contains(&self, id: &ChunkId) -> bool {
-        self.at.contains_key(id)
+        self.index.get(id).is_some()
     }
 
     /// Path, offset and length of a chunk.
     pub fn locate(&self, id: &ChunkId) -> Option<(&[u8], u64, u32)> {
-        let &(p, off, len) = self.at.get(id)?;
-        Some((&self.paths[p as usize], off, len))
+        let l = self.index.get(id)?;
+        Some((&l.path, l.offset, l.len))
     }
 }
 
 impl ChunkSource for TreeChunks {
     fn have(&self, id: &ChunkId) -> bool {
-        self.at.contains_key(id)
+        self.contains(id)
     }
     fn read(&self, id: &ChunkId) -> Option<Vec<u8>> {
         let (path, off, len) = self.locate(id)?;

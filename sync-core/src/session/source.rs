@@ -10,8 +10,9 @@ use std::time::Instant;
 
 use super::{check_version, hello, Channel, SessionError, Summary};
 use crate::chunk::chunk_spans;
+use crate::diff::{diff, Change};
 use crate::hash::{ChunkId, SnapshotId, TreeId};
-use crate::manifest::{Kind, Manifest, ManifestError};
+use crate::manifest::{Entry, Kind, Manifest, ManifestError};
 use crate::wire::{
     Direction, ErrorCode, Frame, MAX_CHUNK_BATCH, MAX_FRAME, MAX_IDS_PER_MESSAGE, MAX_TREE_BATCH,
     PROTOCOL_VERSION,
@@ -454,21 +455,86 @@ impl ChunkLocator {
     /// Index every file chunk of `manifest` (hard links point at a file
     /// indexed under its first name).
     pub fn build(manifest: &Manifest) -> Result<ChunkLocator, ManifestError> {
-        let mut map = HashMap::new();
+        Self::build_filtered(manifest, |_| true)
+    }
+
+    /// Like [`ChunkLocator::build`], keeping only chunks `want` accepts.
+    pub fn build_filtered(
+        manifest: &Manifest,
+        mut want: impl FnMut(&ChunkId) -> bool,
+    ) -> Result<ChunkLocator, ManifestError> {
+        let mut me = ChunkLocator::default();
         manifest.walk(|path, e| {
-            if let Kind::File { size, hash, chunks } = &e.kind {
-                let path: Arc<[u8]> = Arc::from(path);
-                for (id, offset, len) in chunk_spans(*size, *hash, chunks) {
-                    map.entry(id).or_insert_with(|| ChunkLocation {
-                        path: path.clone(),
-                        offset,
-                        len,
-                    });
-                }
-            }
+            me.add(path, e, &mut want);
             true
         })?;
-        Ok(ChunkLocator { map })
+        Ok(me)
+    }
+
+    /// Index the chunks of one regular file entry at `path` (other kinds
+    /// hold none).
+    pub fn add_file(&mut self, path: &[u8], e: &Entry) {
+        self.add(path, e, &mut |_| true)
+    }
+
+    fn add(&mut self, path: &[u8], e: &Entry, want: &mut impl FnMut(&ChunkId) -> bool) {
+        if let Kind::File { size, hash, chunks } = &e.kind {
+            let mut shared: Option<Arc<[u8]>> = None;
+            for (id, offset, len) in chunk_spans(*size, *hash, chunks) {
+                if self.map.contains_key(&id) || !want(&id) {
+                    continue;
+                }
+                let path = shared.get_or_insert_with(|| Arc::from(path)).clone();
+                self.map.insert(id, ChunkLocation { path, offset, len });
+            }
+        }
+    }
+
+    fn forget(&mut self, path: &[u8], e: &Entry) {
+        if let Kind::File { size, hash, chunks } = &e.kind {
+            for (id, _, _) in chunk_spans(*size, *hash, chunks) {
+                if self.map.get(&id).is_some_and(|l| *l.path == *path) {
+                    self.map.remove(&id);
+                }
+            }
+        }
+    }
+
+    /// Follow the tree from `old` (the manifest this index describes) to
+    /// `new`, visiting only what changed: entries of removed or rewritten
+    /// files are dropped, those of new files added. A chunk that a removed
+    /// file shared with a file that stays may drop out of the index: it is
+    /// then fetched again, never read from a wrong place.
+    pub fn update(&mut self, old: &Manifest, new: &Manifest) -> Result<(), ManifestError> {
+        let changes = diff(old, new)?;
+        for c in &changes {
+            match c {
+                Change::Removed { path, entry } => match entry.kind {
+                    Kind::Dir { tree } => old.walk_tree(tree, path, |p, e| {
+                        self.forget(p, e);
+                        true
+                    })?,
+                    _ => self.forget(path, entry),
+                },
+                Change::Modified { path, old, .. } => self.forget(path, old),
+                Change::Added { .. } => {}
+            }
+        }
+        for c in &changes {
+            match c {
+                Change::Added { path, entry }
+                | Change::Modified {
+                    path, new: entry, ..
+                } => self.add(path, entry, &mut |_| true),
+                Change::Removed { .. } => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Every chunk indexed.
+    pub fn ids(&self) -> impl Iterator<Item = &ChunkId> {
+        self.map.keys()
     }
 
     pub fn get(&self, id: &ChunkId) -> Option<&ChunkLocation> {
@@ -539,6 +605,72 @@ mod tests {
             m.set_entry(name, Some(e)).unwrap();
         }
         m
+    }
+
+    fn located(l: &ChunkLocator) -> Vec<(ChunkId, Vec<u8>, u64)> {
+        let mut v: Vec<_> = l
+            .map
+            .iter()
+            .map(|(id, at)| (*id, at.path.to_vec(), at.offset))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// An index that followed a change equals one built afresh: files of a
+    /// removed directory, rewritten and removed files are gone from it.
+    #[test]
+    fn a_locator_follows_changes() {
+        let big = |seed: u8| {
+            (0..200_000u32)
+                .map(|i| (i * 7 + seed as u32) as u8 ^ seed)
+                .collect::<Vec<u8>>()
+        };
+        let old = manifest(&[
+            (b"a", big(1)),
+            (b"b", b"bee".to_vec()),
+            (b"c", b"sea".to_vec()),
+        ]);
+        let mut new = old.clone();
+        let dir = Entry {
+            name: b"d".to_vec(),
+            mode: 0o755,
+            mtime_ns: 0,
+            uid: 0,
+            gid: 0,
+            kind: Kind::Dir {
+                tree: new.insert(&crate::manifest::Tree::default()),
+            },
+        };
+        new.set_entry(b"d", Some(dir.clone())).unwrap();
+        let moved = manifest(&[(b"x", big(2)), (b"y", b"sea".to_vec())]);
+        let mut with_dir = old.clone();
+        with_dir.set_entry(b"d", Some(dir)).unwrap();
+        for (p, e) in [
+            (&b"d/x"[..], moved.lookup(b"x")),
+            (b"d/y", moved.lookup(b"y")),
+        ] {
+            let mut e = e.unwrap().unwrap();
+            e.name = p[2..].to_vec();
+            with_dir.set_entry(p, Some(e)).unwrap();
+        }
+        // old -> with_dir: a directory of files added.
+        let mut l = ChunkLocator::build(&old).unwrap();
+        l.update(&old, &with_dir).unwrap();
+        assert_eq!(
+            located(&l),
+            located(&ChunkLocator::build(&with_dir).unwrap())
+        );
+        // with_dir -> final: the directory removed, `a` rewritten, `b` gone;
+        // `c` keeps the content `d/y` had.
+        let mut fin = with_dir.clone();
+        fin.set_entry(b"d", None).unwrap();
+        fin.set_entry(b"b", None).unwrap();
+        let mut a = manifest(&[(b"a", big(3))]).lookup(b"a").unwrap().unwrap();
+        a.mode = 0o600;
+        fin.set_entry(b"a", Some(a)).unwrap();
+        l.update(&with_dir, &fin).unwrap();
+        assert_eq!(located(&l), located(&ChunkLocator::build(&fin).unwrap()));
     }
 
     fn served(m: Manifest) -> SourceSession {
