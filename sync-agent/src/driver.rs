@@ -761,7 +761,8 @@ pub async fn drive_sink(
                 let mut r = recv.lock().expect("receiver lock");
                 let mut ids = Vec::with_capacity(batch.len());
                 for (id, data) in &batch {
-                    if let Err(e) = r.stage(*id, data) {
+                    // The session checked each chunk against its id.
+                    if let Err(e) = r.stage_checked(*id, data) {
                         return Job::Stored(Err(format!("staging failed: {e}")));
                     }
                     ids.push(*id);

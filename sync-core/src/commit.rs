@@ -335,6 +335,14 @@ impl Receiver {
         Ok(())
     }
 
+    /// Stage a chunk whose hash the caller has just checked (see
+    /// [`Staging::put_checked`]).
+    pub fn stage_checked(&mut self, id: ChunkId, data: &[u8]) -> Result<(), CommitError> {
+        self.staging.put_checked(id, data)?;
+        hit("staged-chunk");
+        Ok(())
+    }
+
     /// Make every staged chunk durable (fsync).
     pub fn sync_staging(&mut self) -> Result<(), CommitError> {
         Ok(self.staging.sync()?)
