@@ -20,7 +20,7 @@ use crate::client::{self, RemoteUrl};
 use crate::driver::{DriveOptions, LazyLocator};
 use crate::identity::{Fingerprint, Identity};
 use crate::ratelimit::RateLimit;
-use crate::watcher::{Hints, Watch};
+use crate::watcher::{Hints, Watch, DEGRADED_RESCAN};
 
 /// One mirror to keep up to date.
 #[derive(Clone, Debug)]
@@ -177,7 +177,12 @@ pub async fn run(
         };
         if let Some(batch) = batch {
             if batch == Batch::Full {
-                next_full = Instant::now() + cfg.rescan_interval;
+                let every = if hints.degraded() {
+                    cfg.rescan_interval.min(DEGRADED_RESCAN)
+                } else {
+                    cfg.rescan_interval
+                };
+                next_full = Instant::now() + every;
             }
             let started = Instant::now();
             let root = cfg.root.clone();

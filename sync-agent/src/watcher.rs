@@ -34,7 +34,12 @@ use sync_core::debounce::Debouncer;
 
 /// The sysctl an operator raises when the watch limit is hit.
 pub const WATCH_LIMIT_FIX: &str =
-    "raise the limit: sysctl -w fs.inotify.max_user_watches=1048576 (and persist it in /etc/sysctl.d/)";
+    "raise the limit: sysctl -w fs.inotify.max_user_watches=1048576 (and persist it in \
+     /etc/sysctl.d/; in a container, /proc/sys/user/max_inotify_watches of its user namespace)";
+
+/// The longest time between full rescans while the hints are unreliable
+/// (overflow, watch limit): what the watcher misses then arrives within it.
+pub const DEGRADED_RESCAN: Duration = Duration::from_secs(30);
 
 /// What each directory is watched for: anything that changes a listing or
 /// an entry's content or metadata, never opens or reads.
@@ -116,8 +121,9 @@ impl Hints {
             if !self.warned_limit.swap(true, Ordering::Relaxed) {
                 tracing::error!(
                     root = %self.root.display(),
-                    "inotify watch limit reached: changes in new directories are found \
-                     by rescans only; {WATCH_LIMIT_FIX}"
+                    "inotify watch limit reached: changes in the directories left unwatched \
+                     are found by rescans only (every {} s while degraded); {WATCH_LIMIT_FIX}",
+                    DEGRADED_RESCAN.as_secs()
                 );
             }
         } else {
