@@ -415,7 +415,10 @@ fn scan_dir(ctx: &Ctx, dirfd: OwnedFd, rel: &[u8], depth: usize) -> Result<TreeI
         return Err(ScanError::TooDeep(ctx.show(rel)));
     }
     ctx.listed.fetch_add(1, Relaxed);
-    let names = list_names(&dirfd).map_err(|e| ctx.io(rel, e))?;
+    let mut names = list_names(&dirfd).map_err(|e| ctx.io(rel, e))?;
+    // Sorted here, where the items are small, so the entries come out in
+    // canonical order (the tree's own sort then only checks a sorted run).
+    names.sort_unstable_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
     let entries: Vec<Option<Entry>> = names
         .into_par_iter()
         .with_min_len(16)
