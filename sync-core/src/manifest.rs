@@ -724,6 +724,8 @@ impl Manifest {
 /// symlink farm, trees under 512 bytes shrink by about 1%, and each costs a
 /// compression context reset and, for every decode, a decompression).
 const PACK_MIN: usize = 512;
+/// Largest packing buffer a thread keeps between trees.
+const SCRATCH_KEEP: usize = 1 << 20;
 /// zstd level of held trees (any level decodes the same way).
 const PACK_LEVEL: i32 = 1;
 
@@ -748,8 +750,16 @@ pub fn pack(encoded: &[u8]) -> Arc<[u8]> {
             out.extend_from_slice(&(encoded.len() as u32).to_le_bytes());
             let mut cur = std::io::Cursor::new(&mut *out);
             cur.set_position(5);
-            let n = zc.compress_to_buffer(encoded, &mut cur).ok()?;
-            (n + 5 < encoded.len()).then(|| Arc::from(&out[..5 + n]))
+            let n = zc.compress_to_buffer(encoded, &mut cur);
+            let packed = match n {
+                Ok(n) if n + 5 < encoded.len() => Some(Arc::from(&out[..5 + n])),
+                _ => None,
+            };
+            // A long-lived thread keeps no buffer sized for one huge tree.
+            if out.capacity() > SCRATCH_KEEP {
+                *out = Vec::new();
+            }
+            packed
         });
         if let Some(packed) = packed {
             return packed;
