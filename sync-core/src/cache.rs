@@ -40,6 +40,8 @@ pub struct Cached {
 #[derive(Debug, Default)]
 pub struct HashCache {
     old: HashMap<(u64, u64), Cached>,
+    /// Read intact from a file (an empty cache may also be one).
+    loaded: bool,
 }
 
 impl HashCache {
@@ -47,7 +49,7 @@ impl HashCache {
     pub fn load(path: &Path) -> HashCache {
         match std::fs::read(path) {
             Ok(bytes) => match decode(&bytes) {
-                Some(old) => HashCache { old },
+                Some(old) => HashCache { old, loaded: true },
                 None => {
                     tracing::warn!(path = %path.display(), "hash cache is damaged; rescanning all content");
                     HashCache::default()
@@ -55,6 +57,11 @@ impl HashCache {
             },
             Err(_) => HashCache::default(),
         }
+    }
+
+    /// True if this cache was read intact from its file.
+    pub fn loaded(&self) -> bool {
+        self.loaded
     }
 
     pub fn len(&self) -> usize {
@@ -67,19 +74,12 @@ impl HashCache {
 
     /// Every record, as [`save`] takes them.
     pub fn records(&self) -> impl Iterator<Item = (StatKey, FileHash, Box<[ChunkRef]>)> + '_ {
-        self.old.iter().map(|(&(dev, ino), c)| {
-            (
-                StatKey {
-                    dev,
-                    ino,
-                    size: c.size,
-                    mtime_ns: c.mtime_ns,
-                    ctime_ns: c.ctime_ns,
-                },
-                c.hash,
-                c.chunks.clone(),
-            )
-        })
+        self.old.iter().map(|(&key, c)| as_record(key, c))
+    }
+
+    /// The record of one (dev, inode), as [`save`] takes it.
+    pub fn record(&self, dev: u64, ino: u64) -> Option<(StatKey, FileHash, Box<[ChunkRef]>)> {
+        self.old.get(&(dev, ino)).map(|c| as_record((dev, ino), c))
     }
 
     /// The cached hash for a file whose stat matches exactly.
@@ -88,6 +88,20 @@ impl HashCache {
             c.size == key.size && c.mtime_ns == key.mtime_ns && c.ctime_ns == key.ctime_ns
         })
     }
+}
+
+fn as_record((dev, ino): (u64, u64), c: &Cached) -> (StatKey, FileHash, Box<[ChunkRef]>) {
+    (
+        StatKey {
+            dev,
+            ino,
+            size: c.size,
+            mtime_ns: c.mtime_ns,
+            ctime_ns: c.ctime_ns,
+        },
+        c.hash,
+        c.chunks.clone(),
+    )
 }
 
 /// Write `records` as the new cache, atomically (temp file and rename).

@@ -131,7 +131,10 @@ struct Ctx<'a> {
     listed: AtomicU64,
     cache: HashCache,
     save_cache: bool,
+    /// Records of the files hashed by this scan.
     new_cache: Mutex<Vec<CacheRecord>>,
+    /// (dev, inode) of the cache hits to keep in the saved cache.
+    kept: Mutex<Vec<(u64, u64)>>,
     trees: Mutex<HashMap<TreeId, Arc<[u8]>>>,
     links: Mutex<LinkGroups>,
     warnings: Mutex<Vec<String>>,
@@ -230,6 +233,7 @@ fn scan_with(
             .unwrap_or_default(),
         save_cache: opts.cache.is_some(),
         new_cache: Mutex::new(Vec::new()),
+        kept: Mutex::new(Vec::new()),
         trees: Mutex::new(start_trees),
         links: Mutex::new(HashMap::new()),
         warnings: Mutex::new(Vec::new()),
@@ -266,18 +270,11 @@ fn scan_with(
     };
 
     if let (Some(path), true) = (&opts.cache, ctx.save_cache) {
-        let mut records = ctx.new_cache.into_inner().unwrap();
-        if ctx.reuse.is_some() {
-            // Files of reused subtrees were not visited: keep their records.
-            let seen: std::collections::HashSet<(u64, u64)> =
-                records.iter().map(|(k, ..)| (k.dev, k.ino)).collect();
-            records.extend(
-                ctx.cache
-                    .records()
-                    .filter(|(k, ..)| !seen.contains(&(k.dev, k.ino))),
-            );
-        }
-        if let Err(e) = cache::save(path, &records) {
+        let records = ctx.new_cache.into_inner().unwrap();
+        let mut kept = ctx.kept.into_inner().unwrap();
+        if ctx.reuse.is_none() && records.is_empty() && unchanged_cache(&ctx.cache, &mut kept) {
+            // The file already holds exactly these records.
+        } else if let Err(e) = save_cache(&ctx.cache, path, records, &kept, ctx.reuse.is_some()) {
             tracing::warn!(path = %path.display(), "cannot save the hash cache: {e}");
         }
     }
@@ -292,6 +289,41 @@ fn scan_with(
         new_dirs: ctx.new_dirs.into_inner().unwrap(),
         live_trees,
     })
+}
+
+/// True if the cache to save is the loaded one: every loaded record was
+/// hit (and kept) exactly once and nothing else was hashed. A warm scan of
+/// an unchanged tree then writes nothing.
+fn unchanged_cache(cache: &HashCache, kept: &mut [(u64, u64)]) -> bool {
+    if !cache.loaded() || kept.len() != cache.len() {
+        return false;
+    }
+    // Hits are distinct loaded records unless an inode was seen twice.
+    kept.sort_unstable();
+    kept.windows(2).all(|w| w[0] != w[1])
+}
+
+/// Write the new cache: the records of the files hashed by this scan, the
+/// loaded records of the `kept` hits and, for a rescan, the loaded records
+/// of files in reused subtrees (they were not visited).
+fn save_cache(
+    cache: &HashCache,
+    path: &Path,
+    mut records: Vec<CacheRecord>,
+    kept: &[(u64, u64)],
+    rescan: bool,
+) -> std::io::Result<()> {
+    records.extend(kept.iter().filter_map(|&(dev, ino)| cache.record(dev, ino)));
+    if rescan {
+        let seen: std::collections::HashSet<(u64, u64)> =
+            records.iter().map(|(k, ..)| (k.dev, k.ino)).collect();
+        records.extend(
+            cache
+                .records()
+                .filter(|(k, ..)| !seen.contains(&(k.dev, k.ino))),
+        );
+    }
+    cache::save(path, &records)
 }
 
 #[allow(clippy::unnecessary_cast)]
@@ -349,36 +381,60 @@ fn reused_subtree(ctx: &Ctx, rel: &[u8], stamp: DirStamp) -> Option<TreeId> {
     Some(id)
 }
 
+/// Bytes of directory entries read per `getdents64` call.
+const DIRENT_BUF: usize = 64 << 10;
+
+/// The names in a directory (without `.` and `..`), read with `getdents64`
+/// straight from `dirfd` into a per-thread buffer: one allocation per name,
+/// which later becomes the entry's name.
+fn list_names(dirfd: &OwnedFd) -> rustix::io::Result<Vec<std::ffi::CString>> {
+    thread_local! {
+        static BUF: std::cell::RefCell<Vec<std::mem::MaybeUninit<u8>>> =
+            const { std::cell::RefCell::new(Vec::new()) };
+    }
+    BUF.with_borrow_mut(|buf| {
+        if buf.len() < DIRENT_BUF {
+            buf.resize(DIRENT_BUF, std::mem::MaybeUninit::uninit());
+        }
+        let mut names = Vec::new();
+        let mut dir = rustix::fs::RawDir::new(dirfd, &mut buf[..]);
+        while let Some(ent) = dir.next() {
+            let ent = ent?;
+            let name = ent.file_name();
+            let b = name.to_bytes();
+            if b != b"." && b != b".." {
+                names.push(name.to_owned());
+            }
+        }
+        Ok(names)
+    })
+}
+
 fn scan_dir(ctx: &Ctx, dirfd: OwnedFd, rel: &[u8], depth: usize) -> Result<TreeId, ScanError> {
     if depth > MAX_DEPTH {
         return Err(ScanError::TooDeep(ctx.show(rel)));
     }
     ctx.listed.fetch_add(1, Relaxed);
-    let mut names: Vec<Vec<u8>> = Vec::new();
-    let dir = rustix::fs::Dir::read_from(&dirfd).map_err(|e| ctx.io(rel, e))?;
-    for ent in dir {
-        let ent = ent.map_err(|e| ctx.io(rel, e))?;
-        let name = ent.file_name().to_bytes();
-        if name != b"." && name != b".." {
-            names.push(name.to_vec());
-        }
-    }
+    let mut names = list_names(&dirfd).map_err(|e| ctx.io(rel, e))?;
+    // Sorted here, where the items are small, so the entries come out in
+    // canonical order (the tree's own sort then only checks a sorted run).
+    names.sort_unstable_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
     let entries: Vec<Option<Entry>> = names
         .into_par_iter()
         .with_min_len(16)
         .map(|name| scan_entry(ctx, &dirfd, rel, name, depth))
         .collect::<Result<_, _>>()?;
+    drop(dirfd);
     let mut tree = Tree {
         entries: entries.into_iter().flatten().collect(),
     };
     tree.sort();
     let bytes = tree.encode();
+    drop(tree);
     let id = TreeId::of(&bytes);
-    ctx.trees
-        .lock()
-        .unwrap()
-        .entry(id)
-        .or_insert_with(|| crate::manifest::pack(&bytes));
+    // Compress outside the lock: the other threads keep walking meanwhile.
+    let packed = crate::manifest::pack(&bytes);
+    ctx.trees.lock().unwrap().entry(id).or_insert(packed);
     Ok(id)
 }
 
@@ -421,24 +477,40 @@ fn entry(name: Vec<u8>, m: Meta, kind: Kind) -> Entry {
     }
 }
 
+/// The target of the symlink `name` in `dirfd`, read into a stack buffer
+/// (one exact allocation for the result).
+fn read_link(dirfd: &OwnedFd, name: &CStr) -> rustix::io::Result<Vec<u8>> {
+    // Not zeroed: that would cost more than the call for short targets.
+    let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 4096];
+    let (target, rest) = rustix::fs::readlinkat_raw(dirfd, name, &mut buf)?;
+    if !rest.is_empty() {
+        Ok(target.to_vec())
+    } else {
+        // Possibly truncated: let rustix grow a buffer until it fits.
+        Ok(rustix::fs::readlinkat(dirfd, name, Vec::new())?.into_bytes())
+    }
+}
+
 fn scan_entry(
     ctx: &Ctx,
     dirfd: &OwnedFd,
     parent: &[u8],
-    name: Vec<u8>,
+    cname: std::ffi::CString,
     depth: usize,
 ) -> Result<Option<Entry>, ScanError> {
-    let rel = join(parent, &name);
-    let cname = std::ffi::CString::new(name.clone()).expect("getdents names have no NUL");
+    // The relative path is only needed for directories, hard links and
+    // messages: built on demand, not per entry.
+    let rel = || join(parent, cname.as_bytes());
     let st = match rustix::fs::statat(dirfd, &cname, AtFlags::SYMLINK_NOFOLLOW) {
         Ok(st) => st,
         // Deleted between listing and stat: it is simply not in this snapshot.
         Err(rustix::io::Errno::NOENT) => return Ok(None),
-        Err(e) => return Err(ctx.io(&rel, e)),
+        Err(e) => return Err(ctx.io(&rel(), e)),
     };
     let ft = FileType::from_raw_mode(st.st_mode as _);
     match ft {
         FileType::Directory => {
+            let rel = rel();
             let fd = match rustix::fs::openat(
                 dirfd,
                 &cname,
@@ -455,7 +527,6 @@ fn scan_entry(
             let tree = match reused_subtree(ctx, &rel, stamp) {
                 Some(tree) => tree,
                 None => {
-                    ctx.dirs.lock().unwrap().insert(rel.clone(), stamp);
                     if ctx
                         .reuse
                         .as_ref()
@@ -463,18 +534,27 @@ fn scan_entry(
                     {
                         ctx.new_dirs.lock().unwrap().push(rel.clone());
                     }
+                    ctx.dirs.lock().unwrap().insert(rel.clone(), stamp);
                     scan_dir(ctx, fd, &rel, depth + 1)?
                 }
             };
-            Ok(Some(entry(name, meta(ctx, &st), Kind::Dir { tree })))
+            Ok(Some(entry(
+                cname.into_bytes(),
+                meta(ctx, &st),
+                Kind::Dir { tree },
+            )))
         }
         FileType::Symlink => {
-            let target = match rustix::fs::readlinkat(dirfd, &cname, Vec::new()) {
-                Ok(t) => t.into_bytes(),
+            let target = match read_link(dirfd, &cname) {
+                Ok(t) => t,
                 Err(rustix::io::Errno::NOENT) => return Ok(None),
-                Err(e) => return Err(ctx.io(&rel, e)),
+                Err(e) => return Err(ctx.io(&rel(), e)),
             };
-            Ok(Some(entry(name, meta(ctx, &st), Kind::Symlink { target })))
+            Ok(Some(entry(
+                cname.into_bytes(),
+                meta(ctx, &st),
+                Kind::Symlink { target },
+            )))
         }
         FileType::RegularFile => {
             let Some((st, content)) = file_content(ctx, dirfd, &cname, &rel, &st)? else {
@@ -487,10 +567,10 @@ fn scan_entry(
                     .unwrap()
                     .entry((key.dev, key.ino))
                     .or_default()
-                    .push(rel);
+                    .push(rel());
             }
             Ok(Some(entry(
-                name,
+                cname.into_bytes(),
                 meta(ctx, &st),
                 Kind::File {
                     size: content.size,
@@ -502,7 +582,7 @@ fn scan_entry(
         other => {
             ctx.warn(format!(
                 "skipping {} ({other:?}): only files, directories and symlinks are mirrored",
-                ctx.show(&rel)
+                ctx.show(&rel())
             ));
             Ok(None)
         }
@@ -515,7 +595,7 @@ fn file_content(
     ctx: &Ctx,
     dirfd: &OwnedFd,
     cname: &CStr,
-    rel: &[u8],
+    rel: &dyn Fn() -> Vec<u8>,
     st: &rustix::fs::Stat,
 ) -> Result<Option<(rustix::fs::Stat, Content)>, ScanError> {
     let key = stat_key(st);
@@ -526,7 +606,10 @@ fn file_content(
             hash: c.hash,
             chunks: c.chunks.to_vec(),
         };
-        remember(ctx, key, &content);
+        if ctx.save_cache && !racy(ctx, &key) {
+            // The loaded record stays as it is: only its key is kept.
+            ctx.kept.lock().unwrap().push((key.dev, key.ino));
+        }
         return Ok(Some((*st, content)));
     }
     for _ in 0..HASH_ATTEMPTS {
@@ -540,15 +623,15 @@ fn file_content(
             Err(rustix::io::Errno::NOENT) => return Ok(None),
             // Replaced by a symlink between stat and open: rescan later.
             Err(rustix::io::Errno::LOOP) => continue,
-            Err(e) => return Err(ctx.io(rel, e)),
+            Err(e) => return Err(ctx.io(&rel(), e)),
         };
-        let before = rustix::fs::fstat(&fd).map_err(|e| ctx.io(rel, e))?;
+        let before = rustix::fs::fstat(&fd).map_err(|e| ctx.io(&rel(), e))?;
         if FileType::from_raw_mode(before.st_mode as _) != FileType::RegularFile {
             continue;
         }
         let size = stat_key(&before).size;
-        let content = read_content(fd.as_fd(), size).map_err(|e| ctx.io(rel, e))?;
-        let after = rustix::fs::fstat(&fd).map_err(|e| ctx.io(rel, e))?;
+        let content = read_content(fd.as_fd(), size).map_err(|e| ctx.io(&rel(), e))?;
+        let after = rustix::fs::fstat(&fd).map_err(|e| ctx.io(&rel(), e))?;
         let (b, a) = (stat_key(&before), stat_key(&after));
         let Some(content) = content else { continue };
         if b != a || content.size != a.size {
@@ -558,8 +641,8 @@ fn file_content(
         // were, so the stat check cannot see them. A file changed that
         // recently is read a second time and must hash the same.
         if a.mtime_ns >= ctx.racy_after_ns || a.ctime_ns >= ctx.racy_after_ns {
-            let again = read_content(fd.as_fd(), size).map_err(|e| ctx.io(rel, e))?;
-            let after2 = rustix::fs::fstat(&fd).map_err(|e| ctx.io(rel, e))?;
+            let again = read_content(fd.as_fd(), size).map_err(|e| ctx.io(&rel(), e))?;
+            let after2 = rustix::fs::fstat(&fd).map_err(|e| ctx.io(&rel(), e))?;
             if again.as_ref().map(|c| c.hash) != Some(content.hash) || stat_key(&after2) != a {
                 continue;
             }
@@ -572,12 +655,16 @@ fn file_content(
         }
     }
     Err(ScanError::Changing {
-        path: ctx.show(rel),
+        path: ctx.show(&rel()),
     })
 }
 
+fn racy(ctx: &Ctx, key: &StatKey) -> bool {
+    key.mtime_ns >= ctx.racy_after_ns || key.ctime_ns >= ctx.racy_after_ns
+}
+
 fn remember(ctx: &Ctx, key: StatKey, content: &Content) {
-    if ctx.save_cache && key.mtime_ns < ctx.racy_after_ns && key.ctime_ns < ctx.racy_after_ns {
+    if ctx.save_cache && !racy(ctx, &key) {
         ctx.new_cache
             .lock()
             .unwrap()
@@ -892,6 +979,91 @@ mod tests {
         let rewrites = writer.join().unwrap();
         assert!(rewrites > 0);
         assert_eq!(ok + changing, 40);
+    }
+
+    /// `Tree::encode` is written by hand: it must be exactly bincode's
+    /// standard encoding of the entries, or tree ids would change.
+    #[test]
+    fn tree_encoding_is_bincode_standard() {
+        use crate::chunk::ChunkRef;
+        use crate::hash::ChunkId;
+        let edges: [u64; 12] = [
+            0,
+            1,
+            250,
+            251,
+            255,
+            65_535,
+            65_536,
+            u32::MAX as u64,
+            u32::MAX as u64 + 1,
+            1 << 40,
+            i64::MAX as u64,
+            u64::MAX,
+        ];
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for round in 0..300 {
+            let mut entries = Vec::new();
+            for i in 0..(round % 40) {
+                let mut pick = || {
+                    let r = next();
+                    if r % 3 == 0 {
+                        edges[(r >> 8) as usize % edges.len()]
+                    } else {
+                        r >> (r % 64)
+                    }
+                };
+                let blob = |n: u64| -> Vec<u8> {
+                    (0..n % 300)
+                        .map(|k| k.wrapping_mul(7).wrapping_add(n) as u8)
+                        .collect()
+                };
+                let kind = match pick() % 4 {
+                    0 => Kind::File {
+                        size: pick(),
+                        hash: FileHash([pick() as u8; 32]),
+                        chunks: (0..pick() % 4)
+                            .map(|_| ChunkRef {
+                                id: ChunkId([pick() as u8; 32]),
+                                len: pick() as u32,
+                            })
+                            .collect(),
+                    },
+                    1 => Kind::Dir {
+                        tree: TreeId([pick() as u8; 32]),
+                    },
+                    2 => Kind::Symlink {
+                        target: blob(pick()),
+                    },
+                    _ => Kind::HardLink {
+                        path: blob(pick()),
+                        size: pick(),
+                        hash: FileHash([pick() as u8; 32]),
+                    },
+                };
+                entries.push(Entry {
+                    name: format!("n{i}-{}", pick()).into_bytes(),
+                    mode: pick() as u32,
+                    mtime_ns: pick() as i64,
+                    uid: pick() as u32,
+                    gid: pick() as u32,
+                    kind,
+                });
+            }
+            let tree = Tree { entries };
+            let mut want = crate::manifest::TREE_MAGIC.to_vec();
+            want.extend_from_slice(&crate::manifest::TREE_VERSION.to_le_bytes());
+            want.extend(
+                bincode::serde::encode_to_vec(&tree.entries, bincode::config::standard()).unwrap(),
+            );
+            assert_eq!(tree.encode(), want, "round {round}");
+        }
     }
 
     #[test]
