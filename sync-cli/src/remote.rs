@@ -142,7 +142,10 @@ pub fn push(o: PushOptions) -> Outcome {
     let phase = Phase::start(!o.json, "scanning source");
     let scanned = crate::push::scan_source(&o)?;
     phase.finish();
-    let stats = scanned.manifest.stats()?;
+    // Counted for the report beside the session, not before it: the walk
+    // decodes every tree object.
+    let counted = scanned.manifest.clone();
+    let stats = std::thread::spawn(move || counted.stats());
     let rt = runtime()?;
     let progress = Arc::new(Progress::default());
     let bar = Bar::start(&rt, !o.json, "sent", progress.clone());
@@ -162,6 +165,9 @@ pub fn push(o: PushOptions) -> Outcome {
     ));
     bar.finish();
     let out: RemoteOutcome = res.with_context(|| format!("pushing to {}", o.dest()))?;
+    let stats = stats
+        .join()
+        .map_err(|_| anyhow::anyhow!("counting the snapshot failed"))??;
     let s = out.result.as_ref().unwrap_or(&out.partial);
     let report = PushReport {
         ok: out.result.is_ok(),
