@@ -13,7 +13,7 @@
 //! staged), the source's read window ([`READS_IN_FLIGHT`] batches of
 //! [`READ_BATCH`] bytes) and the small writer queues.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -134,27 +134,30 @@ pub struct SourceIo {
 }
 
 /// The chunk index of an offered snapshot, built when the first chunk is
-/// asked for: a sync of an unchanged tree never pays for it, and a daemon
+/// asked for: a sync of an unchanged tree never pays for it, a one-shot
+/// push first indexes only the directories the sink fetched, and a daemon
 /// hands in one that followed its previous snapshot.
 #[derive(Debug)]
 pub struct LazyLocator {
     manifest: Manifest,
-    cell: OnceLock<Result<ChunkLocator, String>>,
+    full: OnceLock<Result<ChunkLocator, String>>,
+    part: OnceLock<ChunkLocator>,
 }
 
 impl LazyLocator {
     pub fn new(manifest: Manifest) -> LazyLocator {
         LazyLocator {
             manifest,
-            cell: OnceLock::new(),
+            full: OnceLock::new(),
+            part: OnceLock::new(),
         }
     }
 
     /// An index already built for `manifest`.
     pub fn built(manifest: Manifest, locator: ChunkLocator) -> LazyLocator {
-        let cell = OnceLock::new();
-        let _ = cell.set(Ok(locator));
-        LazyLocator { manifest, cell }
+        let me = LazyLocator::new(manifest);
+        let _ = me.full.set(Ok(locator));
+        me
     }
 
     /// The snapshot indexed.
@@ -162,23 +165,45 @@ impl LazyLocator {
         &self.manifest
     }
 
-    /// The index, if built.
+    /// The index built so far, whole or partial.
     pub fn get(&self) -> Option<&ChunkLocator> {
-        self.cell.get().and_then(|r| r.as_ref().ok())
+        self.full
+            .get()
+            .and_then(|r| r.as_ref().ok())
+            .or_else(|| self.part.get())
     }
 
-    /// The index, building it now if needed (blocking).
+    /// Index the files of the directories in `trees` (blocking).
+    pub fn build_within(&self, trees: &HashSet<TreeId>) -> Result<(), String> {
+        if self.get().is_none() {
+            let l = ChunkLocator::build_within(&self.manifest, |t| trees.contains(t))
+                .map_err(|e| e.to_string())?;
+            let _ = self.part.set(l);
+        }
+        Ok(())
+    }
+
+    /// The whole index, building it now if needed (blocking).
     pub fn build(&self) -> Result<&ChunkLocator, String> {
-        self.cell
+        self.full
             .get_or_init(|| ChunkLocator::build(&self.manifest).map_err(|e| e.to_string()))
             .as_ref()
             .map_err(Clone::clone)
     }
 
+    /// An index that holds every one of `ids` if the snapshot does: the
+    /// partial one, else the whole one (blocking).
+    pub fn covering(&self, ids: &[ChunkId]) -> Result<&ChunkLocator, String> {
+        match self.get() {
+            Some(l) if ids.iter().all(|id| l.get(id).is_some()) => Ok(l),
+            _ => self.build(),
+        }
+    }
+
     /// The index of `next`, following this one when it is built (the cost
     /// follows the change), else left to be built on first use. Blocking.
     pub fn follow(&self, next: Manifest) -> LazyLocator {
-        if let Some(l) = self.get() {
+        if let Some(Ok(l)) = self.full.get() {
             let mut l = l.clone();
             match l.update(&self.manifest, &next) {
                 Ok(()) => return LazyLocator::built(next, l),
@@ -491,7 +516,10 @@ pub async fn drive_source(
         if outcome.is_none() && !to_read.is_empty() && io.locator.get().is_none() && !indexing {
             indexing = true;
             let locator = io.locator.clone();
-            blocking(&mut jobs, move || Job::Indexed(locator.build().map(|_| ())));
+            let fetched = session.trees_served().clone();
+            blocking(&mut jobs, move || {
+                Job::Indexed(locator.build_within(&fetched))
+            });
         }
         while let Some(locator) = io.locator.get().filter(|_| {
             outcome.is_none()

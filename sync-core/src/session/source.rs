@@ -273,6 +273,12 @@ impl SourceSession {
         self.events.pop_front()
     }
 
+    /// Tree objects the sink asked for: every chunk it can want is in a
+    /// file of one of them (unless it kept trees from an earlier session).
+    pub fn trees_served(&self) -> &HashSet<TreeId> {
+        &self.trees_served
+    }
+
     fn push(&mut self, ch: Channel, f: Frame) {
         self.out.push_back(Out::Frame(ch, f));
     }
@@ -471,6 +477,24 @@ impl ChunkLocator {
         Ok(me)
     }
 
+    /// Index only the files of the directories `within` accepts (the root
+    /// is always listed): what a sync that fetched those trees can ask for,
+    /// found at the cost of the change.
+    pub fn build_within(
+        manifest: &Manifest,
+        within: impl Fn(&TreeId) -> bool,
+    ) -> Result<ChunkLocator, ManifestError> {
+        let mut me = ChunkLocator::default();
+        manifest.walk(|path, e| match e.kind {
+            Kind::Dir { tree } => within(&tree),
+            _ => {
+                me.add_file(path, e);
+                true
+            }
+        })?;
+        Ok(me)
+    }
+
     /// Index the chunks of one regular file entry at `path` (other kinds
     /// hold none).
     pub fn add_file(&mut self, path: &[u8], e: &Entry) {
@@ -661,6 +685,17 @@ mod tests {
             located(&l),
             located(&ChunkLocator::build(&with_dir).unwrap())
         );
+        // Only the fetched directories: the root's files and `d`'s when
+        // `d` was fetched.
+        let d_tree = with_dir.lookup(b"d").unwrap().unwrap().subtree().unwrap();
+        let top = ChunkLocator::build_within(&with_dir, |_| false).unwrap();
+        let all = ChunkLocator::build_within(&with_dir, |t| *t == d_tree).unwrap();
+        assert_eq!(
+            located(&all),
+            located(&ChunkLocator::build(&with_dir).unwrap())
+        );
+        assert!(located(&top).iter().all(|(_, p, _)| !p.starts_with(b"d/")));
+        assert!(located(&top).len() < located(&all).len());
         // with_dir -> final: the directory removed, `a` rewritten, `b` gone;
         // `c` keeps the content `d/y` had.
         let mut fin = with_dir.clone();
