@@ -105,6 +105,27 @@ pub fn sync_agent() -> PathBuf {
     built(&ONCE, &["sync-agent"], "sync-agent")
 }
 
+/// `sync-cli keygen --json --out DIR`: a fresh identity in `dir`; returns
+/// its fingerprint (panics with sync-cli's message if it fails).
+pub fn keygen(dir: &std::path::Path) -> String {
+    let out = Command::new(sync_cli())
+        .args(["keygen", "--json", "--out"])
+        .arg(dir)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run sync-cli keygen");
+    assert!(
+        out.status.success(),
+        "sync-cli keygen: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("keygen JSON");
+    v["fingerprint"]
+        .as_str()
+        .expect("a fingerprint")
+        .to_string()
+}
+
 /// Whether `tool` runs (`tool --version` exits 0).
 pub fn have(tool: &str) -> bool {
     Command::new(tool)

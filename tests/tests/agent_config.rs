@@ -11,7 +11,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use sync_tests::bins::{sync_agent, sync_cli};
+use sync_tests::bins::{keygen, sync_agent, sync_cli};
 use sync_tests::gen::{DlrnSpec, DlrnTree};
 
 /// A running `sync-agent --config`, killed when dropped.
@@ -146,22 +146,6 @@ fn bounded(cmd: &mut Command, limit: Duration) -> Output {
             panic!("{cmd:?} took more than {limit:?}");
         }
     }
-}
-
-fn keygen(dir: &Path) -> String {
-    let out = bounded(
-        Command::new(sync_cli())
-            .args(["keygen", "--json", "--out"])
-            .arg(dir),
-        Duration::from_secs(60),
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    v["fingerprint"].as_str().unwrap().to_string()
 }
 
 fn check_config(file: &Path) -> (i32, String, String) {

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sync_tests::bins::{sync_agent, sync_cli};
+use sync_tests::bins::{keygen, sync_agent, sync_cli};
 use sync_tests::gen::{DlrnSpec, DlrnTree};
 
 struct Proc(Child);
@@ -20,21 +20,6 @@ impl Drop for Proc {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn keygen(dir: &Path) -> String {
-    let out = Command::new(sync_cli())
-        .args(["keygen", "--json", "--out"])
-        .arg(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    v["fingerprint"].as_str().unwrap().to_string()
 }
 
 /// Wait for an agent's readiness line (`listening on ADDR ...`).

@@ -158,22 +158,8 @@ fn cli(work: &Path, args: &[&std::ffi::OsStr]) -> Output {
 /// `sync-cli keygen --out DIR --json` -> fingerprint.
 fn keygen(work: &Path, name: &str) -> (PathBuf, String) {
     let dir = work.join(name);
-    let out = cli(
-        work,
-        &[
-            "keygen".as_ref(),
-            "--out".as_ref(),
-            dir.as_os_str(),
-            "--json".as_ref(),
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    (dir, v["fingerprint"].as_str().unwrap().to_string())
+    let fp = sync_tests::bins::keygen(&dir);
+    (dir, fp)
 }
 
 struct Client<'a> {

@@ -17,7 +17,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::Env;
-use sync_tests::bins::sync_agent;
+use sync_tests::bins::{keygen, sync_agent};
 
 /// The watch limit inside the source's user namespace.
 const LIMIT: usize = 8;
@@ -60,22 +60,6 @@ fn userns_limit_works() -> Result<(), String> {
             String::from_utf8_lossy(&out.stderr).trim()
         ))
     }
-}
-
-fn keygen(env: &Env, dir: &Path) -> String {
-    let out = env.cli([
-        OsStr::new("keygen"),
-        OsStr::new("--json"),
-        OsStr::new("--out"),
-        dir.as_os_str(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    v["fingerprint"].as_str().unwrap().to_string()
 }
 
 /// The first line an agent prints on stdout once it is up.
@@ -171,8 +155,8 @@ fn at_the_watch_limit_the_fix_is_logged_once_and_rescans_mirror_every_change() {
         std::fs::create_dir_all(&deep).unwrap();
         std::fs::write(deep.join("f"), format!("file {i}\n")).unwrap();
     }
-    let src_fp = keygen(&env, &env.path("src-id"));
-    let sink_fp = keygen(&env, &env.path("sink-id"));
+    let src_fp = keygen(&env.path("src-id"));
+    let sink_fp = keygen(&env.path("sink-id"));
 
     let mut sink = Command::new(sync_agent())
         .args(["serve", "--listen", "127.0.0.1:0", "--allow"])
