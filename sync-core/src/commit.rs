@@ -4,7 +4,8 @@
 //! A commit runs in this order:
 //! 1. every new or changed file is assembled from verified chunks in the
 //!    state directory's `tmp/` (same filesystem as the tree), with its mode,
-//!    mtime and (optionally) owner; new symlinks are created there too;
+//!    mtime and (optionally) owner; so are symlinks that replace an entry
+//!    (a symlink at a free path is created in place at step 4);
 //! 2. one `syncfs` makes all of them durable (one call instead of one fsync
 //!    per file: thousands of small files cost one flush);
 //! 3. the journal (old root, new manifest, plan digest) is written
@@ -399,6 +400,7 @@ impl Receiver {
         self.staging.persist()?;
         self.clean_scratch()?;
         let tmp = self.open_state_dir("tmp")?;
+        let started = std::time::Instant::now();
         let prepared = {
             let mut sources: Vec<&dyn ChunkSource> = vec![&self.staging, self.tree_chunks()];
             sources.extend(extra);
@@ -424,9 +426,15 @@ impl Receiver {
         // Every staged byte now sits in a temp file: drop the pack before
         // the flush, so its pages are discarded instead of written.
         self.staging.clear()?;
+        let built = started.elapsed();
         hit("before-syncfs");
         rustix::fs::syncfs(&tmp).map_err(io_err("syncfs", b"tmp"))?;
         hit("after-syncfs");
+        tracing::debug!(
+            build_ms = built.as_millis() as u64,
+            sync_ms = (started.elapsed() - built).as_millis() as u64,
+            "temporaries built and durable"
+        );
 
         // The new snapshot's tree objects that the log lacks, then the
         // journal naming them: both small, whatever the tree's size.
@@ -553,6 +561,7 @@ impl Receiver {
     ) -> Result<CommitSummary, CommitError> {
         let tmp = self.open_state_dir("tmp")?;
         let trash = self.open_state_dir("trash")?;
+        let started = std::time::Instant::now();
         let mut summary = Applier {
             root: &self.root,
             tmp: tmp.as_fd(),
@@ -562,11 +571,17 @@ impl Receiver {
         .apply(plan)?;
         summary.root = Some(plan.to);
 
+        let applied = started.elapsed();
         hit("before-final-syncfs");
         rustix::fs::syncfs(self.root.fd()).map_err(io_err("syncfs", b"."))?;
         if !same_fs(self.root.fd(), tmp.as_fd()) {
             rustix::fs::syncfs(&tmp).map_err(io_err("syncfs", b"tmp"))?;
         }
+        tracing::debug!(
+            apply_ms = applied.as_millis() as u64,
+            sync_ms = (started.elapsed() - applied).as_millis() as u64,
+            "applied and durable"
+        );
         hit("before-manifest-store");
         self.state.store_head(&head)?;
         hit("before-journal-delete");
@@ -672,11 +687,19 @@ fn prepare(
         }
         Ok(())
     };
+    let started = std::time::Instant::now();
     if plan.files.len() >= 64 {
         plan.files.par_iter().enumerate().try_for_each(build)?;
     } else {
         plan.files.iter().enumerate().try_for_each(build)?;
     }
+    tracing::debug!(
+        files = plan.files.len(),
+        ms = started.elapsed().as_millis() as u64,
+        "temporary files built"
+    );
+    let created: HashSet<&[u8]> = plan.mkdirs.iter().map(|o| o.path.as_slice()).collect();
+    let mut last = None;
     for (i, op) in plan.symlinks.iter().enumerate() {
         let Kind::Symlink { target } = &op.entry.kind else {
             continue;
@@ -688,12 +711,53 @@ fn prepare(
             }
             .into());
         }
+        // A symlink at a path that holds nothing yet is created in place
+        // when its turn comes (creating a name is atomic; no temporary,
+        // no rename, no crowding of `tmp/`); one that replaces an entry
+        // is built here and renamed over it, so the flip is atomic.
+        if is_free(root, &created, &op.path, &mut last)? {
+            continue;
+        }
         let name = tmp_name('l', i);
         symlinkat(target.as_slice(), tmp, name.as_str()).map_err(io_err("symlink", &op.path))?;
         set_link_meta(tmp.as_fd(), name.as_bytes(), &op.entry, owners, &op.path)?;
     }
     hit("temp-symlinks-made");
     Ok((plan.files.len() as u64, bytes))
+}
+
+/// The last parent directory opened for a run of paths: symlinks come
+/// sorted by path, so most of them share their parent with the one before.
+type LastParent = Option<(Vec<u8>, OwnedFd)>;
+
+/// The parent directory of `path` (beneath the root, as [`Root::parent`]),
+/// reusing `last` when it is the same directory.
+fn parent_of<'c, 'p>(
+    root: &Root,
+    path: &'p [u8],
+    last: &'c mut LastParent,
+) -> Result<(&'c OwnedFd, &'p [u8]), CommitError> {
+    let (parent, name) = safefs::split(path);
+    if last.as_ref().is_none_or(|(p, _)| p.as_slice() != parent) {
+        let (dir, _) = root.parent(path)?;
+        *last = Some((parent.to_vec(), dir));
+    }
+    Ok((&last.as_ref().expect("just set").1, name))
+}
+
+/// Whether nothing is at `path` in the tree now (its parent is new, or
+/// holds no such name).
+fn is_free(
+    root: &Root,
+    created: &HashSet<&[u8]>,
+    path: &[u8],
+    last: &mut LastParent,
+) -> Result<bool, CommitError> {
+    if created.contains(safefs::split(path).0) {
+        return Ok(true);
+    }
+    let (dir, name) = parent_of(root, path, last)?;
+    Ok(lstat_at(dir, name).map_err(io_err("stat", path))?.is_none())
 }
 
 /// Before the journal, check every path the plan touches: valid, and each
@@ -871,8 +935,9 @@ impl Applier<'_> {
         }
         hit("hardlinks-made");
         let every = step(plan.symlinks.len());
+        let mut last = None;
         for (i, op) in plan.symlinks.iter().enumerate() {
-            self.place(&tmp_name('l', i), &op.path)?;
+            self.symlink(i, op, &mut last)?;
             s.symlinks += 1;
             if i % every == 0 {
                 hit("symlink-flipped");
@@ -949,6 +1014,44 @@ impl Applier<'_> {
             }
             Err(e) => Err(io_err("rename into place", path)(e)),
         }
+    }
+
+    /// Put the symlink of `op` in place: rename its temporary over the old
+    /// entry, or (none was built: the path was free) create it there.
+    /// Idempotent: a link already there with the right target only gets
+    /// its metadata set again; anything else there is replaced atomically.
+    fn symlink(&self, i: usize, op: &Op, last: &mut LastParent) -> Result<(), CommitError> {
+        let tmp = tmp_name('l', i);
+        if lstat_at(self.tmp, tmp.as_bytes())
+            .map_err(io_err("stat", &op.path))?
+            .is_some()
+        {
+            return self.place(&tmp, &op.path);
+        }
+        let Kind::Symlink { target } = &op.entry.kind else {
+            return Ok(());
+        };
+        let (dir, name) = parent_of(self.root, &op.path, last)?;
+        match lstat_at(dir, name).map_err(io_err("stat", &op.path))? {
+            None => {
+                symlinkat(target.as_slice(), dir, name).map_err(io_err("symlink", &op.path))?;
+            }
+            Some(st) if kind_of(&st) == FileType::Symlink => {
+                let now = rustix::fs::readlinkat(dir, name, Vec::new())
+                    .map_err(io_err("read link", &op.path))?;
+                if now.as_bytes() != target.as_slice() {
+                    return self.symlink_via_tmp(&tmp, op, target);
+                }
+            }
+            Some(_) => return self.symlink_via_tmp(&tmp, op, target),
+        }
+        set_link_meta(dir.as_fd(), name, &op.entry, self.owners, &op.path)
+    }
+
+    fn symlink_via_tmp(&self, tmp: &str, op: &Op, target: &[u8]) -> Result<(), CommitError> {
+        symlinkat(target, self.tmp, tmp).map_err(io_err("symlink", &op.path))?;
+        set_link_meta(self.tmp, tmp.as_bytes(), &op.entry, self.owners, &op.path)?;
+        self.place(tmp, &op.path)
     }
 
     fn to_trash(&self, tmp: &str, path: &[u8]) -> Result<(), CommitError> {
