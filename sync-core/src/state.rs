@@ -98,39 +98,21 @@ pub struct Head {
 
 impl Head {
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(HEAD_LEN);
-        out.extend_from_slice(&HEAD_MAGIC);
-        out.extend_from_slice(&HEAD_VERSION.to_le_bytes());
-        out.extend_from_slice(self.root.as_bytes());
+        let mut body = Vec::with_capacity(HEAD_LEN);
+        body.extend_from_slice(self.root.as_bytes());
         for n in [self.gen, self.len, self.base] {
-            out.extend_from_slice(&n.to_le_bytes());
+            body.extend_from_slice(&n.to_le_bytes());
         }
-        let sum = blake3::hash(&out);
-        out.extend_from_slice(sum.as_bytes());
-        out
+        seal(HEAD_MAGIC, HEAD_VERSION, body)
     }
 
     pub fn decode(b: &[u8]) -> Result<Head, String> {
-        if b.len() != HEAD_LEN {
-            return Err(format!("{} bytes, want {HEAD_LEN}", b.len()));
-        }
-        let (body, sum) = b.split_at(HEAD_LEN - 32);
-        if blake3::hash(body).as_bytes() != sum {
-            return Err("checksum mismatch".into());
-        }
-        if body[..4] != HEAD_MAGIC {
-            return Err("bad magic".into());
-        }
-        let version = u16::from_le_bytes([body[4], body[5]]);
-        if version != HEAD_VERSION {
-            return Err(format!("unsupported version {version}"));
-        }
-        let n = |at: usize| u64::from_le_bytes(body[at..at + 8].try_into().expect("8 bytes"));
+        let body = unseal(b, HEAD_MAGIC, HEAD_VERSION, HEAD_LEN)?;
         let head = Head {
-            root: TreeId(body[6..38].try_into().expect("32 bytes")),
-            gen: n(38),
-            len: n(46),
-            base: n(54),
+            root: TreeId(field(body, 0)),
+            gen: u64::from_le_bytes(field(body, 32)),
+            len: u64::from_le_bytes(field(body, 40)),
+            base: u64::from_le_bytes(field(body, 48)),
         };
         if head.base > head.len {
             return Err("base beyond length".into());
@@ -313,44 +295,62 @@ pub struct Journal {
 
 impl Journal {
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(JOURNAL_LEN);
-        out.extend_from_slice(&JOURNAL_MAGIC);
-        out.extend_from_slice(&JOURNAL_VERSION.to_le_bytes());
-        out.extend_from_slice(self.from.as_bytes());
-        out.extend_from_slice(self.to.as_bytes());
-        out.extend_from_slice(&self.plan_digest);
-        out.extend_from_slice(&self.gen.to_le_bytes());
-        out.extend_from_slice(&self.len.to_le_bytes());
-        let sum = blake3::hash(&out);
-        out.extend_from_slice(sum.as_bytes());
-        out
+        let mut body = Vec::with_capacity(JOURNAL_LEN);
+        body.extend_from_slice(self.from.as_bytes());
+        body.extend_from_slice(self.to.as_bytes());
+        body.extend_from_slice(&self.plan_digest);
+        body.extend_from_slice(&self.gen.to_le_bytes());
+        body.extend_from_slice(&self.len.to_le_bytes());
+        seal(JOURNAL_MAGIC, JOURNAL_VERSION, body)
     }
 
     pub fn decode(b: &[u8]) -> Result<Journal, String> {
-        if b.len() != JOURNAL_LEN {
-            return Err(format!("{} bytes, want {JOURNAL_LEN}", b.len()));
-        }
-        let (body, sum) = b.split_at(b.len() - 32);
-        if blake3::hash(body).as_bytes() != sum {
-            return Err("checksum mismatch".into());
-        }
-        if body[..4] != JOURNAL_MAGIC {
-            return Err("bad magic".into());
-        }
-        let version = u16::from_le_bytes([body[4], body[5]]);
-        if version != JOURNAL_VERSION {
-            return Err(format!("unsupported version {version}"));
-        }
-        let id = |at: usize| -> [u8; 32] { body[at..at + 32].try_into().expect("32 bytes") };
-        let n = |at: usize| u64::from_le_bytes(body[at..at + 8].try_into().expect("8 bytes"));
+        let body = unseal(b, JOURNAL_MAGIC, JOURNAL_VERSION, JOURNAL_LEN)?;
         Ok(Journal {
-            from: SnapshotId(id(6)),
-            to: SnapshotId(id(38)),
-            plan_digest: id(70),
-            gen: n(102),
-            len: n(110),
+            from: SnapshotId(field(body, 0)),
+            to: SnapshotId(field(body, 32)),
+            plan_digest: field(body, 64),
+            gen: u64::from_le_bytes(field(body, 96)),
+            len: u64::from_le_bytes(field(body, 104)),
         })
     }
+}
+
+/// A small state file: magic, version, `body`, BLAKE3 of all before it.
+fn seal(magic: [u8; 4], version: u16, body: Vec<u8>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len() + 38);
+    out.extend_from_slice(&magic);
+    out.extend_from_slice(&version.to_le_bytes());
+    out.extend_from_slice(&body);
+    let sum = blake3::hash(&out);
+    out.extend_from_slice(sum.as_bytes());
+    out
+}
+
+/// The body of a file made by [`seal`] of exactly `len` bytes.
+fn unseal(b: &[u8], magic: [u8; 4], version: u16, len: usize) -> Result<&[u8], String> {
+    if b.len() != len {
+        return Err(format!("{} bytes, want {len}", b.len()));
+    }
+    let (sealed, sum) = b.split_at(len - 32);
+    if blake3::hash(sealed).as_bytes() != sum {
+        return Err("checksum mismatch".into());
+    }
+    if sealed[..4] != magic {
+        return Err("bad magic".into());
+    }
+    let found = u16::from_le_bytes([sealed[4], sealed[5]]);
+    if found != version {
+        return Err(format!("unsupported version {found}"));
+    }
+    Ok(&sealed[6..])
+}
+
+/// `N` bytes of a sealed body at `at` (the length was checked).
+fn field<const N: usize>(body: &[u8], at: usize) -> [u8; N] {
+    body[at..at + N]
+        .try_into()
+        .expect("length checked by unseal")
 }
 
 /// An open, locked state directory.

@@ -126,6 +126,24 @@ pub fn keygen(dir: &std::path::Path) -> String {
         .to_string()
 }
 
+/// `diff -r --no-dereference a b`: `None` when the trees are equal, else
+/// what diff printed.
+pub fn tree_diff(a: &std::path::Path, b: &std::path::Path) -> Option<String> {
+    let out = Command::new("diff")
+        .args(["-r", "--no-dereference"])
+        .arg(a)
+        .arg(b)
+        .output()
+        .expect("run diff");
+    (!out.status.success()).then(|| {
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
 /// Whether `tool` runs (`tool --version` exits 0).
 pub fn have(tool: &str) -> bool {
     Command::new(tool)

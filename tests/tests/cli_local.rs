@@ -190,20 +190,13 @@ fn assert_same_lstat(src: &Path, dest: &Path) {
 }
 
 fn assert_diff_clean(src: &Path, dest: &Path) {
-    let out = Command::new("diff")
-        .args(["-r", "--no-dereference"])
-        .arg(src)
-        .arg(dest)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "diff -r --no-dereference {} {} is not clean:\n{}{}",
-        src.display(),
-        dest.display(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    if let Some(d) = sync_tests::bins::tree_diff(src, dest) {
+        panic!(
+            "diff -r --no-dereference {} {} is not clean:\n{d}",
+            src.display(),
+            dest.display()
+        );
+    }
 }
 
 /// Every way of checking that DEST mirrors SRC.

@@ -239,19 +239,9 @@ fn build_and_publish(tree: &mut DlrnTree, n: usize, gap: Duration, ctl: &Path) {
 }
 
 fn diff_clean(a: &Path, b: &Path) {
-    let out = Command::new("diff")
-        .args(["-r", "--no-dereference"])
-        .arg(a)
-        .arg(b)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{} and {} differ:\n{}",
-        a.display(),
-        b.display(),
-        String::from_utf8_lossy(&out.stdout)
-    );
+    if let Some(d) = sync_tests::bins::tree_diff(a, b) {
+        panic!("{} and {} differ:\n{d}", a.display(), b.display());
+    }
 }
 
 #[test]

@@ -103,31 +103,12 @@ fn ino(p: &Path) -> u64 {
     std::fs::symlink_metadata(p).unwrap().ino()
 }
 
-/// `diff -r --no-dereference a b`: `None` when equal, else its output.
-fn differs(a: &Path, b: &Path) -> Option<String> {
-    let out = Command::new("diff")
-        .args(["-r", "--no-dereference"])
-        .arg(a)
-        .arg(b)
-        .output()
-        .unwrap();
-    if out.status.success() {
-        None
-    } else {
-        Some(format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ))
-    }
-}
-
 /// Wait until `mirror` equals `src`; panics with the difference and the
 /// source's log after `timeout`. Returns how long it took.
 fn wait_mirrored(src: &Path, mirror: &Path, log: &Path, what: &str, timeout: Duration) -> Duration {
     let start = Instant::now();
     loop {
-        let Some(diff) = differs(src, mirror) else {
+        let Some(diff) = sync_tests::bins::tree_diff(src, mirror) else {
             return start.elapsed();
         };
         assert!(
