@@ -4,17 +4,20 @@
 //! A commit runs in this order:
 //! 1. every new or changed file is assembled from verified chunks in the
 //!    state directory's `tmp/` (same filesystem as the tree), with its mode,
-//!    mtime and (optionally) owner; so are symlinks that replace an entry
-//!    (a symlink at a free path is created in place at step 4);
+//!    mtime and (optionally) owner (symlinks are made at step 4, from the
+//!    manifest);
 //! 2. one `syncfs` makes all of them durable (one call instead of one fsync
 //!    per file: thousands of small files cost one flush);
-//! 3. the journal (old root, new manifest, plan digest) is written
-//!    atomically: from here on the commit rolls forward after a crash;
+//! 3. the new snapshot's tree objects are appended to the state's tree log,
+//!    then the journal (old and new root, plan digest, log length) is
+//!    written atomically: from here on the commit rolls forward after a
+//!    crash;
 //! 4. the tree is changed: directories, then files renamed into place,
-//!    metadata and hard links, then symlinks flipped, then deletions, then
+//!    metadata and hard links, then symlinks (created at a free path,
+//!    else built in `tmp/` and renamed over the old entry), then deletions, then
 //!    directory modes and mtimes, deepest first;
-//! 5. `syncfs`, the committed manifest is stored, the journal removed and
-//!    staging cleared.
+//! 5. `syncfs`, the head naming the new snapshot is stored, the journal
+//!    removed and staging cleared.
 //!
 //! Every step of 4 is idempotent (a temp that is gone was renamed), so a
 //! crash at any instant is finished by [`Receiver::open`]; a crash before 3
@@ -39,7 +42,7 @@ use rustix::io::Errno;
 
 use crate::chunk::chunk_spans;
 use crate::crashpoint::{self, hit};
-use crate::hash::{ChunkId, FileHash, SnapshotId};
+use crate::hash::{ChunkId, FileHash, SnapshotId, TreeId};
 use crate::manifest::{lossy, Entry, Kind, Manifest, ManifestError};
 use crate::plan::{NodeKind, Op, PlanError, SyncPlan};
 use crate::safefs::{self, kind_of, lstat_at, Root, SafeFsError};
@@ -303,6 +306,22 @@ impl Receiver {
         })
     }
 
+    /// Where the next tree objects go: the log and its committed length
+    /// (the first log, empty, before the first commit).
+    fn log_end(&self) -> (u64, u64) {
+        self.head.map_or((1, 0), |h| (h.gen, h.len))
+    }
+
+    /// The head of the snapshot `root` whose trees end at `len` of log `gen`.
+    fn next_head(&self, root: TreeId, gen: u64, len: u64) -> Head {
+        Head {
+            root,
+            gen,
+            len,
+            base: self.head.map_or(len, |h| h.base),
+        }
+    }
+
     /// Build the committed tree's chunk index now rather than at the first
     /// [`Receiver::have`] (which a session's latency would pay).
     pub fn index_tree(&self) {
@@ -438,7 +457,7 @@ impl Receiver {
 
         // The new snapshot's tree objects that the log lacks, then the
         // journal naming them: both small, whatever the tree's size.
-        let (gen, at) = self.head.map_or((1, 0), |h| (h.gen, h.len));
+        let (gen, at) = self.log_end();
         let fresh = new
             .packed()
             .iter()
@@ -454,12 +473,7 @@ impl Receiver {
             len,
         })?;
         hit("journal-written");
-        let head = Head {
-            root: new.root(),
-            gen,
-            len,
-            base: self.head.map_or(len, |h| h.base),
-        };
+        let head = self.next_head(new.root(), gen, len);
         let mut summary = self.apply_and_finish(plan, new.clone(), head, owners)?;
         summary.files_written = files_written;
         summary.bytes_written = bytes_written;
@@ -521,7 +535,7 @@ impl Receiver {
                 ..CommitSummary::default()
             }));
         }
-        let (gen, at) = self.head.map_or((1, 0), |h| (h.gen, h.len));
+        let (gen, at) = self.log_end();
         let damaged = |why: &str| StateError::Damaged {
             path: self.state.path().join("journal"),
             why: why.into(),
@@ -538,12 +552,7 @@ impl Receiver {
                 damaged("the plan recomputed from it differs from the one journaled").into(),
             );
         }
-        let head = Head {
-            root: new.root(),
-            gen,
-            len: j.len,
-            base: self.head.map_or(j.len, |h| h.base),
-        };
+        let head = self.next_head(new.root(), gen, j.len);
         // Owners were applied to the temps already; later steps re-apply
         // them only when they are ours to set.
         let owners = rustix::process::geteuid().is_root();
@@ -698,9 +707,9 @@ fn prepare(
         ms = started.elapsed().as_millis() as u64,
         "temporary files built"
     );
-    let created: HashSet<&[u8]> = plan.mkdirs.iter().map(|o| o.path.as_slice()).collect();
-    let mut last = None;
-    for (i, op) in plan.symlinks.iter().enumerate() {
+    // Symlinks are made at their turn in the apply (from the manifest, so a
+    // roll-forward makes them again); only their targets are checked here.
+    for op in &plan.symlinks {
         let Kind::Symlink { target } = &op.entry.kind else {
             continue;
         };
@@ -711,16 +720,6 @@ fn prepare(
             }
             .into());
         }
-        // A symlink at a path that holds nothing yet is created in place
-        // when its turn comes (creating a name is atomic; no temporary,
-        // no rename, no crowding of `tmp/`); one that replaces an entry
-        // is built here and renamed over it, so the flip is atomic.
-        if is_free(root, &created, &op.path, &mut last)? {
-            continue;
-        }
-        let name = tmp_name('l', i);
-        symlinkat(target.as_slice(), tmp, name.as_str()).map_err(io_err("symlink", &op.path))?;
-        set_link_meta(tmp.as_fd(), name.as_bytes(), &op.entry, owners, &op.path)?;
     }
     hit("temp-symlinks-made");
     Ok((plan.files.len() as u64, bytes))
@@ -743,21 +742,6 @@ fn parent_of<'c, 'p>(
         *last = Some((parent.to_vec(), dir));
     }
     Ok((&last.as_ref().expect("just set").1, name))
-}
-
-/// Whether nothing is at `path` in the tree now (its parent is new, or
-/// holds no such name).
-fn is_free(
-    root: &Root,
-    created: &HashSet<&[u8]>,
-    path: &[u8],
-    last: &mut LastParent,
-) -> Result<bool, CommitError> {
-    if created.contains(safefs::split(path).0) {
-        return Ok(true);
-    }
-    let (dir, name) = parent_of(root, path, last)?;
-    Ok(lstat_at(dir, name).map_err(io_err("stat", path))?.is_none())
 }
 
 /// Before the journal, check every path the plan touches: valid, and each
@@ -1016,42 +1000,34 @@ impl Applier<'_> {
         }
     }
 
-    /// Put the symlink of `op` in place: rename its temporary over the old
-    /// entry, or (none was built: the path was free) create it there.
-    /// Idempotent: a link already there with the right target only gets
-    /// its metadata set again; anything else there is replaced atomically.
+    /// Put the symlink of `op` in place: at a free path it is created
+    /// there (creating a name is atomic); over another entry it is built
+    /// in `tmp/` and renamed over it, so the flip is atomic. Idempotent: a
+    /// link already there with the right target only gets its metadata set
+    /// again, and a temporary left by an interrupted flip is built afresh.
     fn symlink(&self, i: usize, op: &Op, last: &mut LastParent) -> Result<(), CommitError> {
-        let tmp = tmp_name('l', i);
-        if lstat_at(self.tmp, tmp.as_bytes())
-            .map_err(io_err("stat", &op.path))?
-            .is_some()
-        {
-            return self.place(&tmp, &op.path);
-        }
         let Kind::Symlink { target } = &op.entry.kind else {
             return Ok(());
         };
+        let tmp = tmp_name('l', i);
+        safefs::remove_all_at(self.tmp, tmp.as_bytes()).map_err(io_err("clean", &op.path))?;
         let (dir, name) = parent_of(self.root, &op.path, last)?;
         match lstat_at(dir, name).map_err(io_err("stat", &op.path))? {
-            None => {
-                symlinkat(target.as_slice(), dir, name).map_err(io_err("symlink", &op.path))?;
+            None => symlinkat(target.as_slice(), dir, name).map_err(io_err("symlink", &op.path))?,
+            Some(st)
+                if kind_of(&st) == FileType::Symlink
+                    && rustix::fs::readlinkat(dir, name, Vec::new())
+                        .map_err(io_err("read link", &op.path))?
+                        .as_bytes()
+                        == target.as_slice() => {}
+            Some(_) => {
+                symlinkat(target.as_slice(), self.tmp, tmp.as_str())
+                    .map_err(io_err("symlink", &op.path))?;
+                set_link_meta(self.tmp, tmp.as_bytes(), &op.entry, self.owners, &op.path)?;
+                return self.place(&tmp, &op.path);
             }
-            Some(st) if kind_of(&st) == FileType::Symlink => {
-                let now = rustix::fs::readlinkat(dir, name, Vec::new())
-                    .map_err(io_err("read link", &op.path))?;
-                if now.as_bytes() != target.as_slice() {
-                    return self.symlink_via_tmp(&tmp, op, target);
-                }
-            }
-            Some(_) => return self.symlink_via_tmp(&tmp, op, target),
         }
         set_link_meta(dir.as_fd(), name, &op.entry, self.owners, &op.path)
-    }
-
-    fn symlink_via_tmp(&self, tmp: &str, op: &Op, target: &[u8]) -> Result<(), CommitError> {
-        symlinkat(target, self.tmp, tmp).map_err(io_err("symlink", &op.path))?;
-        set_link_meta(self.tmp, tmp.as_bytes(), &op.entry, self.owners, &op.path)?;
-        self.place(tmp, &op.path)
     }
 
     fn to_trash(&self, tmp: &str, path: &[u8]) -> Result<(), CommitError> {
