@@ -134,9 +134,9 @@ pub struct SourceIo {
 }
 
 /// The chunk index of an offered snapshot, built when the first chunk is
-/// asked for: a sync of an unchanged tree never pays for it, a one-shot
-/// push first indexes only the directories the sink fetched, and a daemon
-/// hands in one that followed its previous snapshot.
+/// asked for: a sync of an unchanged tree never pays for it, and a push
+/// first indexes only the directories the sink fetched (the cost of the
+/// change), the whole snapshot only when a chunk is not among them.
 #[derive(Debug)]
 pub struct LazyLocator {
     manifest: Manifest,
@@ -151,13 +151,6 @@ impl LazyLocator {
             full: OnceLock::new(),
             part: OnceLock::new(),
         }
-    }
-
-    /// An index already built for `manifest`.
-    pub fn built(manifest: Manifest, locator: ChunkLocator) -> LazyLocator {
-        let me = LazyLocator::new(manifest);
-        let _ = me.full.set(Ok(locator));
-        me
     }
 
     /// The snapshot indexed.
@@ -198,19 +191,6 @@ impl LazyLocator {
             Some(l) if ids.iter().all(|id| l.get(id).is_some()) => Ok(l),
             _ => self.build(),
         }
-    }
-
-    /// The index of `next`, following this one when it is built (the cost
-    /// follows the change), else left to be built on first use. Blocking.
-    pub fn follow(&self, next: Manifest) -> LazyLocator {
-        if let Some(Ok(l)) = self.full.get() {
-            let mut l = l.clone();
-            match l.update(&self.manifest, &next) {
-                Ok(()) => return LazyLocator::built(next, l),
-                Err(e) => tracing::debug!("chunk index rebuilt: {e}"),
-            }
-        }
-        LazyLocator::new(next)
     }
 }
 

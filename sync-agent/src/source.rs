@@ -56,29 +56,23 @@ impl SourceConfig {
 /// A published snapshot.
 #[derive(Debug)]
 pub struct Snapshot {
-    pub manifest: Manifest,
     pub taken: SystemTime,
-    /// Its chunk index, shared by the pushes to every peer.
+    /// The manifest and its chunk index, shared by the pushes to every peer.
     pub locator: Arc<LazyLocator>,
 }
 
 impl Snapshot {
-    /// A snapshot of `manifest` taken now, its chunk index following the
-    /// one of `prev` (the cost follows the change). Blocking.
-    fn follow(prev: Option<&Snapshot>, manifest: Manifest) -> Snapshot {
-        let locator = match prev {
-            Some(p) => p.locator.follow(manifest.clone()),
-            None => LazyLocator::new(manifest.clone()),
-        };
+    /// A snapshot of `manifest` taken now; its chunk index is built by
+    /// the first push that needs chunks, over what that mirror fetched.
+    fn new(manifest: Manifest) -> Snapshot {
         Snapshot {
-            manifest,
+            locator: Arc::new(LazyLocator::new(manifest)),
             taken: SystemTime::now(),
-            locator: Arc::new(locator),
         }
     }
 
     pub fn root(&self) -> SnapshotId {
-        self.manifest.snapshot()
+        self.locator.manifest().snapshot()
     }
 }
 
@@ -271,12 +265,7 @@ pub async fn run(
                         }
                     }
                     if changed {
-                        let prev = snap_tx.borrow().clone();
-                        let m = out.manifest.clone();
-                        let snap = tokio::task::spawn_blocking(move || {
-                            Snapshot::follow(prev.as_deref(), m)
-                        })
-                        .await?;
+                        let snap = Snapshot::new(out.manifest.clone());
                         let _ = snap_tx.send(Some(Arc::new(snap)));
                     }
                     for w in waiting.drain(..) {
@@ -443,11 +432,7 @@ pub async fn run_relay(
                     s.root = Some(root.to_hex());
                     s.snapshot_unix = unix(SystemTime::now());
                 }
-                let prev = snap_tx.borrow().clone();
-                let snap =
-                    tokio::task::spawn_blocking(move || Snapshot::follow(prev.as_deref(), m))
-                        .await?;
-                let _ = snap_tx.send(Some(Arc::new(snap)));
+                let _ = snap_tx.send(Some(Arc::new(Snapshot::new(m))));
             }
             Some(Err(e)) => {
                 tracing::warn!("cannot read the committed manifest: {e}");

@@ -334,16 +334,7 @@ pub struct TreeChunks {
 impl TreeChunks {
     /// Index every chunk of the regular files of `manifest`, in `root`.
     pub fn build(root: Arc<Root>, manifest: &Manifest) -> Result<TreeChunks, ManifestError> {
-        Self::build_filtered(root, manifest, |_| true)
-    }
-
-    /// Like [`TreeChunks::build`], keeping only chunks `want` accepts.
-    pub fn build_filtered(
-        root: Arc<Root>,
-        manifest: &Manifest,
-        want: impl FnMut(&ChunkId) -> bool,
-    ) -> Result<TreeChunks, ManifestError> {
-        let index = ChunkLocator::build_filtered(manifest, want)?;
+        let index = ChunkLocator::build(manifest)?;
         Ok(TreeChunks { root, index })
     }
 

@@ -461,20 +461,7 @@ impl ChunkLocator {
     /// Index every file chunk of `manifest` (hard links point at a file
     /// indexed under its first name).
     pub fn build(manifest: &Manifest) -> Result<ChunkLocator, ManifestError> {
-        Self::build_filtered(manifest, |_| true)
-    }
-
-    /// Like [`ChunkLocator::build`], keeping only chunks `want` accepts.
-    pub fn build_filtered(
-        manifest: &Manifest,
-        mut want: impl FnMut(&ChunkId) -> bool,
-    ) -> Result<ChunkLocator, ManifestError> {
-        let mut me = ChunkLocator::default();
-        manifest.walk(|path, e| {
-            me.add(path, e, &mut want);
-            true
-        })?;
-        Ok(me)
+        Self::build_within(manifest, |_| true)
     }
 
     /// Index only the files of the directories `within` accepts (the root
@@ -498,14 +485,10 @@ impl ChunkLocator {
     /// Index the chunks of one regular file entry at `path` (other kinds
     /// hold none).
     pub fn add_file(&mut self, path: &[u8], e: &Entry) {
-        self.add(path, e, &mut |_| true)
-    }
-
-    fn add(&mut self, path: &[u8], e: &Entry, want: &mut impl FnMut(&ChunkId) -> bool) {
         if let Kind::File { size, hash, chunks } = &e.kind {
             let mut shared: Option<Arc<[u8]>> = None;
             for (id, offset, len) in chunk_spans(*size, *hash, chunks) {
-                if self.map.contains_key(&id) || !want(&id) {
+                if self.map.contains_key(&id) {
                     continue;
                 }
                 let path = shared.get_or_insert_with(|| Arc::from(path)).clone();
@@ -549,7 +532,7 @@ impl ChunkLocator {
                 Change::Added { path, entry }
                 | Change::Modified {
                     path, new: entry, ..
-                } => self.add(path, entry, &mut |_| true),
+                } => self.add_file(path, entry),
                 Change::Removed { .. } => {}
             }
         }
