@@ -59,6 +59,7 @@ pub fn run(o: PushOptions) -> Outcome {
     let dest = std::path::PathBuf::from(o.dest());
     let phase = Phase::start(!o.json, "scanning source");
     let scanned = scan_source(&o)?;
+    tracing::debug!(ms = start.elapsed().as_millis() as u64, "source scanned");
     phase.next("opening destination");
     let state_dir = match &o.state {
         Some(s) => s.clone(),
@@ -141,6 +142,10 @@ pub fn run(o: PushOptions) -> Outcome {
         report.deleted = plan.deletions.len() as u64;
     } else if let (false, Some(recv)) = (unchanged, recv.as_mut()) {
         phase.next("committing");
+        tracing::debug!(
+            ms = start.elapsed().as_millis() as u64,
+            "destination opened"
+        );
         let s = push_local(new, o.src(), recv, &CommitOptions { owners: o.owners })
             .with_context(|| format!("mirroring into {}", dest.display()))?;
         phase.finish();

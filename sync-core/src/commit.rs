@@ -148,6 +148,9 @@ pub struct Receiver {
     recovered: Option<CommitSummary>,
     /// Where the committed manifest and chunk index go when this closes.
     cache: Option<Arc<ReceiverCache>>,
+    /// (from, to, digest) of the last plan [`Receiver::plan`] made: a commit
+    /// of that very plan need not build it again to check it.
+    planned: Mutex<Option<(SnapshotId, SnapshotId, [u8; 32])>>,
 }
 
 /// What a long-running agent keeps of a tree between its sessions: the
@@ -268,6 +271,7 @@ impl Receiver {
             tree,
             recovered: None,
             cache: cache.cloned(),
+            planned: Mutex::new(None),
         };
         r.recovered = r.recover()?;
         if r.recovered.is_none() {
@@ -335,7 +339,9 @@ impl Receiver {
 
     /// The plan from the committed snapshot to `new`.
     pub fn plan(&self, new: &Manifest) -> Result<SyncPlan, CommitError> {
-        Ok(SyncPlan::build(&self.committed, new, |id| self.have(id))?)
+        let plan = SyncPlan::build(&self.committed, new, |id| self.have(id))?;
+        *self.planned.lock().unwrap() = Some((plan.from, plan.to, plan.digest()));
+        Ok(plan)
     }
 
     /// The chunks of `plan` still to fetch: neither staged nor in the tree.
@@ -407,11 +413,18 @@ impl Receiver {
                 committed: self.committed.snapshot(),
             });
         }
-        // The plan must be the one recomputed on roll-forward.
-        let check = SyncPlan::build(&self.committed, new, |_| true)?;
-        if plan.to != new.snapshot() || check.digest() != plan.digest() {
+        // The plan must be the one recomputed on roll-forward: one that
+        // `plan` made (and nobody changed since) is; any other is rebuilt.
+        let t = std::time::Instant::now();
+        let digest = plan.digest();
+        let made = self.planned.lock().unwrap().take();
+        if plan.to != new.snapshot()
+            || (made != Some((plan.from, plan.to, digest))
+                && SyncPlan::build(&self.committed, new, |_| true)?.digest() != digest)
+        {
             return Err(CommitError::PlanMismatch(new.snapshot()));
         }
+        tracing::debug!(ms = t.elapsed().as_millis() as u64, "plan checked");
         let owners = opts.owners && rustix::process::geteuid().is_root();
         let span = tracing::info_span!("commit", to = %new.snapshot().short());
         let _g = span.enter();
@@ -468,7 +481,7 @@ impl Receiver {
         self.state.write_journal(&Journal {
             from: plan.from,
             to: plan.to,
-            plan_digest: plan.digest(),
+            plan_digest: digest,
             gen,
             len,
         })?;
@@ -725,6 +738,33 @@ fn prepare(
     Ok((plan.files.len() as u64, bytes))
 }
 
+/// Below this many items a phase of the apply runs on the calling thread.
+const PAR_MIN: usize = 1024;
+/// Items per parallel task: consecutive paths mostly share their parent.
+const PAR_CHUNK: usize = 512;
+
+/// Run `f(index, op, last parent)` over `ops`, numbered from `base`, on
+/// the rayon pool when there are many (the kernel's inode allocation and
+/// directory updates then use both cores). The items must not depend on
+/// each other; on an error the others may or may not have been done, as
+/// with a crash, and every step of the apply is idempotent.
+fn in_parallel(
+    ops: &[Op],
+    base: usize,
+    f: impl Fn(usize, &Op, &mut LastParent) -> Result<(), CommitError> + Sync,
+) -> Result<(), CommitError> {
+    let run = |(k, part): (usize, &[Op])| {
+        let mut last = None;
+        part.iter()
+            .enumerate()
+            .try_for_each(|(j, op)| f(base + k * PAR_CHUNK + j, op, &mut last))
+    };
+    if ops.len() < PAR_MIN {
+        return run((0, ops));
+    }
+    ops.par_chunks(PAR_CHUNK).enumerate().try_for_each(run)
+}
+
 /// The last parent directory opened for a run of paths: symlinks come
 /// sorted by path, so most of them share their parent with the one before.
 type LastParent = Option<(Vec<u8>, OwnedFd)>;
@@ -902,12 +942,13 @@ impl Applier<'_> {
             }
         }
         let every = step(plan.files.len());
-        for (i, op) in plan.files.iter().enumerate() {
+        in_parallel(&plan.files, 0, |i, op, _| {
             self.place(&tmp_name('f', i), &op.path)?;
             if i % every == 0 {
                 hit("file-renamed");
             }
-        }
+            Ok(())
+        })?;
         for op in &plan.meta {
             self.set_meta(op)?;
             s.metadata += 1;
@@ -918,15 +959,22 @@ impl Applier<'_> {
             s.hardlinks += 1;
         }
         hit("hardlinks-made");
+        // Wave by wave; the symlinks of one wave do not point at each other.
         let every = step(plan.symlinks.len());
-        let mut last = None;
-        for (i, op) in plan.symlinks.iter().enumerate() {
-            self.symlink(i, op, &mut last)?;
-            s.symlinks += 1;
-            if i % every == 0 {
-                hit("symlink-flipped");
-            }
+        let mut start = 0;
+        let ends = plan.symlink_waves.iter().copied();
+        for end in ends.chain([plan.symlinks.len()]) {
+            let end = end.clamp(start, plan.symlinks.len());
+            in_parallel(&plan.symlinks[start..end], start, |i, op, last| {
+                self.symlink(i, op, last)?;
+                if i % every == 0 {
+                    hit("symlink-flipped");
+                }
+                Ok(())
+            })?;
+            start = end;
         }
+        s.symlinks += plan.symlinks.len() as u64;
         let every = step(plan.deletions.len());
         for (i, d) in plan.deletions.iter().enumerate() {
             self.delete(i, &d.path, d.kind)?;
@@ -1009,25 +1057,40 @@ impl Applier<'_> {
         let Kind::Symlink { target } = &op.entry.kind else {
             return Ok(());
         };
-        let tmp = tmp_name('l', i);
-        safefs::remove_all_at(self.tmp, tmp.as_bytes()).map_err(io_err("clean", &op.path))?;
         let (dir, name) = parent_of(self.root, &op.path, last)?;
-        match lstat_at(dir, name).map_err(io_err("stat", &op.path))? {
-            None => symlinkat(target.as_slice(), dir, name).map_err(io_err("symlink", &op.path))?,
-            Some(st)
-                if kind_of(&st) == FileType::Symlink
-                    && rustix::fs::readlinkat(dir, name, Vec::new())
-                        .map_err(io_err("read link", &op.path))?
-                        .as_bytes()
-                        == target.as_slice() => {}
-            Some(_) => {
-                symlinkat(target.as_slice(), self.tmp, tmp.as_str())
-                    .map_err(io_err("symlink", &op.path))?;
-                set_link_meta(self.tmp, tmp.as_bytes(), &op.entry, self.owners, &op.path)?;
-                return self.place(&tmp, &op.path);
-            }
+        match symlinkat(target.as_slice(), dir, name) {
+            Ok(()) => {}
+            Err(Errno::EXIST) => return self.symlink_over(i, op, target, dir.as_fd(), name),
+            Err(e) => return Err(io_err("symlink", &op.path)(e)),
         }
         set_link_meta(dir.as_fd(), name, &op.entry, self.owners, &op.path)
+    }
+
+    /// The name of `op` is taken: the right link already (metadata set
+    /// again), or another entry that a temporary is renamed over.
+    fn symlink_over(
+        &self,
+        i: usize,
+        op: &Op,
+        target: &[u8],
+        dir: BorrowedFd<'_>,
+        name: &[u8],
+    ) -> Result<(), CommitError> {
+        let st = lstat_at(dir, name).map_err(io_err("stat", &op.path))?;
+        if st.is_some_and(|st| kind_of(&st) == FileType::Symlink)
+            && rustix::fs::readlinkat(dir, name, Vec::new())
+                .map_err(io_err("read link", &op.path))?
+                .as_bytes()
+                == target
+        {
+            return set_link_meta(dir, name, &op.entry, self.owners, &op.path);
+        }
+        // A temporary left by an interrupted flip is built afresh.
+        let tmp = tmp_name('l', i);
+        safefs::remove_all_at(self.tmp, tmp.as_bytes()).map_err(io_err("clean", &op.path))?;
+        symlinkat(target, self.tmp, tmp.as_str()).map_err(io_err("symlink", &op.path))?;
+        set_link_meta(self.tmp, tmp.as_bytes(), &op.entry, self.owners, &op.path)?;
+        self.place(&tmp, &op.path)
     }
 
     fn to_trash(&self, tmp: &str, path: &[u8]) -> Result<(), CommitError> {

@@ -76,6 +76,10 @@ pub struct SyncPlan {
     pub hardlinks: Vec<Op>,
     /// New or retargeted symlinks, flipped after everything else is in place.
     pub symlinks: Vec<Op>,
+    /// Where each wave of `symlinks` ends: a symlink depends only on those
+    /// of earlier waves (derived from `symlinks`, so not in the digest).
+    #[serde(skip)]
+    pub symlink_waves: Vec<usize>,
     /// Removals: symlinks first, then children before parents.
     pub deletions: Vec<Deletion>,
     /// Directories whose mode and mtime are (re)set last, deepest first.
@@ -102,6 +106,7 @@ impl SyncPlan {
             meta: Vec::new(),
             hardlinks: Vec::new(),
             symlinks: Vec::new(),
+            symlink_waves: Vec::new(),
             deletions: Vec::new(),
             dir_meta: Vec::new(),
             chunks: Vec::new(),
@@ -172,7 +177,7 @@ impl SyncPlan {
                 });
             }
         }
-        order_symlinks(&mut p.symlinks);
+        p.symlink_waves = order_symlinks(&mut p.symlinks);
         // Symlinks go first so none is left pointing into a removed subtree.
         deletions.reverse();
         deletions.sort_by_key(|d| d.kind != NodeKind::Symlink);
@@ -275,11 +280,13 @@ impl SyncPlan {
     pub fn digest(&self) -> [u8; 32] {
         let mut h = blake3::Hasher::new();
         let cfg = bincode::config::standard();
+        let mut b = Vec::new();
         let mut section = |tag: &[u8], ops: &[Op]| {
             h.update(tag);
             h.update(&(ops.len() as u64).to_le_bytes());
             for o in ops {
-                let b = bincode::serde::encode_to_vec(o, cfg).expect("plain data encodes");
+                b.clear();
+                bincode::serde::encode_into_std_write(o, &mut b, cfg).expect("plain data encodes");
                 h.update(&(b.len() as u64).to_le_bytes());
                 h.update(&b);
             }
@@ -325,18 +332,30 @@ pub fn resolve_target(link: &[u8], target: &[u8]) -> Option<Vec<u8>> {
 /// Order symlink flips so that a symlink comes after every new symlink
 /// inside the tree it points at (so `current -> repo` flips only once the
 /// symlinks inside `repo` are in place) and after any new symlink on the
-/// way to its target. Otherwise canonical order; cycles keep it too.
-fn order_symlinks(ops: &mut Vec<Op>) {
-    use std::cmp::Reverse;
-    use std::collections::{BTreeMap, BinaryHeap};
+/// way to its target. Returns where each wave ends: the symlinks of a
+/// wave depend on none of each other, only on those of earlier waves.
+fn order_symlinks(ops: &mut Vec<Op>) -> Vec<usize> {
+    use std::collections::HashMap;
     if ops.len() < 2 {
-        return;
+        return vec![ops.len()];
     }
-    let at: BTreeMap<&[u8], usize> = ops
+    // Exact lookups by hash; "every path under a prefix" in a sorted list.
+    let at: HashMap<&[u8], usize> = ops
         .iter()
         .enumerate()
         .map(|(i, o)| (o.path.as_slice(), i))
         .collect();
+    let mut sorted: Vec<(&[u8], usize)> = at.iter().map(|(&p, &i)| (p, i)).collect();
+    sorted.sort_unstable();
+    // The directories holding new symlinks: only a target among them can
+    // have new symlinks inside (most targets are files).
+    let mut holders: std::collections::HashSet<&[u8]> = std::collections::HashSet::new();
+    for o in ops.iter() {
+        let mut dir = crate::safefs::split(&o.path).0;
+        while holders.insert(dir) && !dir.is_empty() {
+            dir = crate::safefs::split(dir).0;
+        }
+    }
     let mut after: Vec<Vec<usize>> = vec![Vec::new(); ops.len()];
     let mut indeg = vec![0usize; ops.len()];
     for (i, o) in ops.iter().enumerate() {
@@ -358,15 +377,18 @@ fn order_symlinks(ops: &mut Vec<Op>) {
             end += 1;
         }
         // New symlinks inside the target.
-        let mut prefix = r.clone();
-        if !prefix.is_empty() {
-            prefix.push(b'/');
-        }
-        for (_, &j) in at
-            .range(prefix.as_slice()..)
-            .take_while(|(k, _)| k.starts_with(&prefix))
-        {
-            before.push(j);
+        if holders.contains(r.as_slice()) {
+            let mut prefix = r.clone();
+            if !prefix.is_empty() {
+                prefix.push(b'/');
+            }
+            let from = sorted.partition_point(|(k, _)| *k < prefix.as_slice());
+            for &(_, j) in sorted[from..]
+                .iter()
+                .take_while(|(k, _)| k.starts_with(&prefix))
+            {
+                before.push(j);
+            }
         }
         for j in before {
             if j != i {
@@ -375,25 +397,38 @@ fn order_symlinks(ops: &mut Vec<Op>) {
             }
         }
     }
-    let mut ready: BinaryHeap<Reverse<usize>> = (0..ops.len())
-        .filter(|&i| indeg[i] == 0)
-        .map(Reverse)
-        .collect();
+    // Kahn's algorithm by layers: a wave holds every symlink whose
+    // predecessors are all in earlier waves, in canonical order, so the
+    // symlinks of one wave may be made in any order (or at once).
+    let mut wave: Vec<usize> = (0..ops.len()).filter(|&i| indeg[i] == 0).collect();
     let mut order = Vec::with_capacity(ops.len());
+    let mut ends = Vec::new();
     let mut done = vec![false; ops.len()];
-    while let Some(Reverse(i)) = ready.pop() {
-        order.push(i);
-        done[i] = true;
-        for &k in &after[i] {
-            indeg[k] -= 1;
-            if indeg[k] == 0 {
-                ready.push(Reverse(k));
+    while !wave.is_empty() {
+        let mut next = Vec::new();
+        for &i in &wave {
+            done[i] = true;
+            for &k in &after[i] {
+                indeg[k] -= 1;
+                if indeg[k] == 0 {
+                    next.push(k);
+                }
             }
         }
+        order.append(&mut wave);
+        ends.push(order.len());
+        next.sort_unstable();
+        wave = next;
     }
+    // Symlinks in a cycle can't all come after each other: one last wave.
+    let before = order.len();
     order.extend((0..ops.len()).filter(|&i| !done[i]));
+    if order.len() > before {
+        ends.push(order.len());
+    }
     let mut old: Vec<Option<Op>> = std::mem::take(ops).into_iter().map(Some).collect();
     ops.extend(order.into_iter().filter_map(|i| old[i].take()));
+    ends
 }
 
 fn human(bytes: u64) -> String {
@@ -591,6 +626,20 @@ mod tests {
         let p = SyncPlan::build(&a, &b, |_| false).unwrap();
         let order: Vec<_> = p.symlinks.iter().map(|o| lossy(&o.path)).collect();
         assert_eq!(order, ["zz", "r/in", "a-cur", "b-via"]);
+        assert_eq!(
+            p.symlink_waves,
+            [1, 2, 3, 4],
+            "each waits for the one before"
+        );
+        // Links that point at no new link all go in the first wave.
+        let mut c = b.clone();
+        for i in 0..5 {
+            let name = format!("r/l{i}");
+            c.set_entry(name.as_bytes(), Some(link(&name.as_bytes()[2..], b"../zz")))
+                .unwrap();
+        }
+        let p = SyncPlan::build(&b, &c, |_| false).unwrap();
+        assert_eq!(p.symlink_waves, [5]);
         assert_eq!(
             resolve_target(b"a/b/l", b"../c/./d"),
             Some(b"a/c/d".to_vec())

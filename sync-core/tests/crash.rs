@@ -187,6 +187,58 @@ fn reset_to(dest: &Path, src: &Path) {
     push_local(&scan_tree(src), src, &mut recv, &CommitOptions::default()).unwrap();
 }
 
+/// The crash points of one push from `v1` to `v2` (name of each, in order).
+fn crash_points(v1: &Path, v2: &Path, dest: &Path) -> Vec<String> {
+    reset_to(dest, v1);
+    let listed = run_child(v2, dest, &[("SYNC_CRASH_LIST", "1".into())]);
+    assert_eq!(listed.code, Some(0), "{}", listed.stderr);
+    assert_same_fs(&read_fs(dest), &read_fs(v2));
+    listed
+        .stderr
+        .lines()
+        .filter_map(|l| l.strip_prefix("crashpoint "))
+        .map(|l| l.split_once(' ').map_or("", |(_, name)| name).to_string())
+        .collect()
+}
+
+/// Kill the push from `v1` to `v2` at each of `points`, check what a
+/// consumer would see, re-run it, and count (untouched, rolled forward).
+fn kill_at(v1: &Path, v2: &Path, dest: &Path, points: &[u64]) -> (u32, u32) {
+    let (fs1, fs2) = (read_fs(v1), read_fs(v2));
+    let state = dest.with_file_name(".dest.sync-state");
+    let mut untouched = 0;
+    let mut rolled = 0;
+    for &n in points {
+        reset_to(dest, v1);
+        assert_same_fs(&read_fs(dest), &fs1);
+        let c = run_child(v2, dest, &[("SYNC_CRASH_AT", n.to_string())]);
+        assert_eq!(
+            c.code, None,
+            "point {n}: the child was not killed: {}",
+            c.stderr
+        );
+        let now = read_fs(dest);
+        check_symlinks(&now, &fs1, &fs2, n);
+        if !state.join("journal").exists() {
+            let committed = sync_core::state::peek_committed_root(&state).unwrap();
+            if committed == scan_tree(v1).root() {
+                // Killed before the journal: the tree was not touched at all.
+                assert_same_fs(&now, &fs1);
+                untouched += 1;
+            }
+        } else {
+            rolled += 1;
+        }
+        // Whatever happened, a plain re-run finishes the job.
+        let c = run_child(v2, dest, &[]);
+        assert_eq!(c.code, Some(0), "point {n}: re-run failed: {}", c.stderr);
+        assert_same_fs(&read_fs(dest), &fs2);
+        let recv = Receiver::open(dest, None).unwrap();
+        assert!(recv.verify(&VerifyOptions::default()).unwrap().is_clean());
+    }
+    (untouched, rolled)
+}
+
 #[test]
 fn sigkill_at_every_crash_point_rolls_forward_or_leaves_the_old_tree() {
     let t = tempfile::tempdir().unwrap();
@@ -197,56 +249,47 @@ fn sigkill_at_every_crash_point_rolls_forward_or_leaves_the_old_tree() {
     );
     build_v1(&v1);
     build_v2(&v2);
-    let (fs1, fs2) = (read_fs(&v1), read_fs(&v2));
-    let state = t.path().join(".dest.sync-state");
-
-    // Count the crash points of one push.
-    reset_to(&dest, &v1);
-    let listed = run_child(&v2, &dest, &[("SYNC_CRASH_LIST", "1".into())]);
-    assert_eq!(listed.code, Some(0), "{}", listed.stderr);
-    let total = listed
-        .stderr
-        .lines()
-        .filter(|l| l.starts_with("crashpoint "))
-        .count() as u64;
-    assert!(total >= 50, "only {total} crash points:\n{}", listed.stderr);
+    let total = crash_points(&v1, &v2, &dest).len() as u64;
+    assert!(total >= 50, "only {total} crash points");
     eprintln!("{total} crash points in one push");
-    assert_same_fs(&read_fs(&dest), &fs2);
-
-    let mut untouched = 0;
-    let mut rolled = 0;
-    for n in 1..=total {
-        reset_to(&dest, &v1);
-        assert_same_fs(&read_fs(&dest), &fs1);
-        let c = run_child(&v2, &dest, &[("SYNC_CRASH_AT", n.to_string())]);
-        assert_eq!(
-            c.code, None,
-            "point {n}: the child was not killed: {}",
-            c.stderr
-        );
-        let now = read_fs(&dest);
-        check_symlinks(&now, &fs1, &fs2, n);
-        if !state.join("journal").exists() {
-            let committed = sync_core::state::peek_committed_root(&state).unwrap();
-            if committed == scan_tree(&v1).root() {
-                // Killed before the journal: the tree was not touched at all.
-                assert_same_fs(&now, &fs1);
-                untouched += 1;
-            }
-        } else {
-            rolled += 1;
-        }
-        // Whatever happened, a plain re-run finishes the job.
-        let c = run_child(&v2, &dest, &[]);
-        assert_eq!(c.code, Some(0), "point {n}: re-run failed: {}", c.stderr);
-        assert_same_fs(&read_fs(&dest), &fs2);
-        let recv = Receiver::open(&dest, None).unwrap();
-        assert!(recv.verify(&VerifyOptions::default()).unwrap().is_clean());
-    }
+    let all: Vec<u64> = (1..=total).collect();
+    let (untouched, rolled) = kill_at(&v1, &v2, &dest, &all);
     assert!(
         untouched > 10 && rolled > 10,
         "untouched {untouched}, rolled {rolled}"
     );
+}
+
+/// A new repository with a farm of symlinks big enough to be made on
+/// several threads (and `current` flipped to it only after the farm):
+/// killed at points spread over the symlink phase, each symlink still
+/// leads to a complete old or new subtree, and a re-run finishes.
+#[test]
+fn sigkill_during_a_parallel_symlink_wave() {
+    let t = tempfile::tempdir().unwrap();
+    let (v1, v2, dest) = (
+        t.path().join("v1"),
+        t.path().join("v2"),
+        t.path().join("dest"),
+    );
+    build_v1(&v1);
+    build_v2(&v2);
+    for i in 0..3000 {
+        let to = format!("../../pkg{:02}.rpm", i % 12);
+        ln_s(&to, &v2, &format!("repos/cc/r3/farm/{:02}/l{i:04}", i % 7));
+    }
+    ln_s("repos/cc/r3/farm/03", &v2, "farm-current");
+    let names = crash_points(&v1, &v2, &dest);
+    let flips: Vec<u64> = names
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| n.as_str() == "symlink-flipped")
+        .map(|(i, _)| i as u64 + 1)
+        .collect();
+    assert!(flips.len() > 100, "{} symlink crash points", flips.len());
+    let picked: Vec<u64> = flips.iter().step_by(flips.len() / 16).copied().collect();
+    let (_, rolled) = kill_at(&v1, &v2, &dest, &picked);
+    assert_eq!(rolled as usize, picked.len(), "all after the journal");
 }
 
 #[test]
