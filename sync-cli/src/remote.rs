@@ -142,6 +142,7 @@ pub fn push(o: PushOptions) -> Outcome {
     let phase = Phase::start(!o.json, "scanning source");
     let scanned = crate::push::scan_source(&o)?;
     phase.finish();
+    tracing::debug!(ms = start.elapsed().as_millis() as u64, "source scanned");
     // Counted for the report beside the session, not before it: the walk
     // decodes every tree object.
     let counted = scanned.manifest.clone();

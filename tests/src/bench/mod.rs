@@ -44,6 +44,8 @@ pub struct BenchOptions {
     pub scale: f64,
     /// Rounds per case; each round runs ours and the peer once.
     pub rounds: usize,
+    /// Rounds of the cheap cases (an unchanged tree).
+    pub quick_rounds: usize,
     /// Work directory: trees, destinations, caches.
     pub dir: PathBuf,
     /// Where the JSON results go.

@@ -174,6 +174,7 @@ fn machine_context(o: &BenchOptions, stats: &TreeStats) -> Vec<(String, String)>
             ),
         ),
         ("rounds".into(), o.rounds.to_string()),
+        ("rounds (unchanged tree)".into(), o.quick_rounds.to_string()),
         (
             "machine".into(),
             format!(
@@ -430,11 +431,11 @@ fn push_local_suite(ctx: &Ctx) -> Result<Table> {
             .arg(&d_rsync))?
         .secs)
     };
-    for r in 0..ctx.o.rounds {
+    for r in 0..ctx.o.quick_rounds {
         eprintln!(
             "bench: push-local unchanged round {}/{}",
             r + 1,
-            ctx.o.rounds
+            ctx.o.quick_rounds
         );
         let find = || run_shell(FIND_WALK, &[src.as_os_str()]).map(|r| r.secs);
         if r % 2 == 0 {
@@ -814,8 +815,12 @@ fn quic_suite(ctx: &Ctx) -> Result<Table> {
     let (mut un_o, mut un_r, mut un_f) =
         (Samples::default(), Samples::default(), Samples::default());
     let (mut un_ob, mut un_rb) = (Vec::new(), Vec::new());
-    for r in 0..ctx.o.rounds {
-        eprintln!("bench: quic unchanged round {}/{}", r + 1, ctx.o.rounds);
+    for r in 0..ctx.o.quick_rounds {
+        eprintln!(
+            "bench: quic unchanged round {}/{}",
+            r + 1,
+            ctx.o.quick_rounds
+        );
         let mut steps: [u8; 3] = [0, 1, 2];
         if r % 2 == 1 {
             steps.reverse();

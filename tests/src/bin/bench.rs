@@ -26,6 +26,10 @@ struct Cli {
     /// Rounds per case (each runs ours and the peer once, order alternating).
     #[arg(long, default_value_t = 5)]
     rounds: usize,
+    /// Rounds of the cheap cases (unchanged tree); default the larger of
+    /// --rounds and 9, since sub-second runs swing most on a shared machine.
+    #[arg(long)]
+    quick_rounds: Option<usize>,
     /// Work directory for trees and mirrors (default /work/bench-runs, else $TMPDIR/bench-runs).
     #[arg(long)]
     dir: Option<PathBuf>,
@@ -52,6 +56,7 @@ fn main() -> Result<()> {
         entries: cli.entries,
         scale: cli.scale,
         rounds: cli.rounds.max(1),
+        quick_rounds: cli.quick_rounds.unwrap_or(cli.rounds.max(9)).max(1),
         dir,
         out,
         keep: cli.keep,
