@@ -187,6 +187,14 @@ fn reset_to(dest: &Path, src: &Path) {
     push_local(&scan_tree(src), src, &mut recv, &CommitOptions::default()).unwrap();
 }
 
+/// The old and new snapshots built under `dir`, and where DEST goes.
+fn two_versions(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let (v1, v2) = (dir.join("v1"), dir.join("v2"));
+    build_v1(&v1);
+    build_v2(&v2);
+    (v1, v2, dir.join("dest"))
+}
+
 /// The crash points of one push from `v1` to `v2` (name of each, in order).
 fn crash_points(v1: &Path, v2: &Path, dest: &Path) -> Vec<String> {
     reset_to(dest, v1);
@@ -242,13 +250,7 @@ fn kill_at(v1: &Path, v2: &Path, dest: &Path, points: &[u64]) -> (u32, u32) {
 #[test]
 fn sigkill_at_every_crash_point_rolls_forward_or_leaves_the_old_tree() {
     let t = tempfile::tempdir().unwrap();
-    let (v1, v2, dest) = (
-        t.path().join("v1"),
-        t.path().join("v2"),
-        t.path().join("dest"),
-    );
-    build_v1(&v1);
-    build_v2(&v2);
+    let (v1, v2, dest) = two_versions(t.path());
     let total = crash_points(&v1, &v2, &dest).len() as u64;
     assert!(total >= 50, "only {total} crash points");
     eprintln!("{total} crash points in one push");
@@ -267,13 +269,7 @@ fn sigkill_at_every_crash_point_rolls_forward_or_leaves_the_old_tree() {
 #[test]
 fn sigkill_during_a_parallel_symlink_wave() {
     let t = tempfile::tempdir().unwrap();
-    let (v1, v2, dest) = (
-        t.path().join("v1"),
-        t.path().join("v2"),
-        t.path().join("dest"),
-    );
-    build_v1(&v1);
-    build_v2(&v2);
+    let (v1, v2, dest) = two_versions(t.path());
     for i in 0..3000 {
         let to = format!("../../pkg{:02}.rpm", i % 12);
         ln_s(&to, &v2, &format!("repos/cc/r3/farm/{:02}/l{i:04}", i % 7));
@@ -295,13 +291,7 @@ fn sigkill_during_a_parallel_symlink_wave() {
 #[test]
 fn injected_enospc_fails_cleanly_and_keeps_the_old_snapshot() {
     let t = tempfile::tempdir().unwrap();
-    let (v1, v2, dest) = (
-        t.path().join("v1"),
-        t.path().join("v2"),
-        t.path().join("dest"),
-    );
-    build_v1(&v1);
-    build_v2(&v2);
+    let (v1, v2, dest) = two_versions(t.path());
     let fs1 = read_fs(&v1);
     let root1 = scan_tree(&v1).root();
     reset_to(&dest, &v1);

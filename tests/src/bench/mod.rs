@@ -4,6 +4,7 @@
 //! medians, spreads, ratios and whether a target ratio holds. Speed targets
 //! live here, never in timed tests. Does IO: spawns processes, writes trees.
 
+pub mod freshfs;
 pub mod measure;
 pub mod report;
 pub mod suites;

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 
+use super::freshfs::FreshFs;
 use super::measure::{run, run_shell, sync, Run, Samples};
 use super::report::{Check, Row, Table};
 use super::{BenchOptions, Suite};
@@ -358,15 +359,8 @@ fn push_local_suite(ctx: &Ctx) -> Result<Table> {
         &[src.as_os_str()],
     )?;
 
-    let fresh = |c: Copier| -> Result<f64> {
-        let dest = match c {
-            Copier::Ours | Copier::OursNoCache => &d_ours,
-            Copier::Rsync => &d_rsync,
-            Copier::CpA => &d_cp,
-        };
-        remove(dest)?;
-        remove(&state_of(dest))?;
-        sync();
+    // One timed copy into `dest` (empty, its state dir absent).
+    let copy_into = |c: Copier, dest: &Path| -> Result<f64> {
         let secs = match c {
             Copier::Ours | Copier::OursNoCache => {
                 let mut cmd = ctx.cli(["push", "--json"]);
@@ -383,8 +377,36 @@ fn push_local_suite(ctx: &Ctx) -> Result<Table> {
         };
         Ok(secs)
     };
+    let dest_of = |c: Copier| match c {
+        Copier::Ours | Copier::OursNoCache => &d_ours,
+        Copier::Rsync => &d_rsync,
+        Copier::CpA => &d_cp,
+    };
+    // Into the work directory, after deleting the last copy.
+    let fresh = |c: Copier| -> Result<f64> {
+        let dest = dest_of(c);
+        remove(dest)?;
+        remove(&state_of(dest))?;
+        sync();
+        copy_into(c, dest)
+    };
+    let size = (stats.bytes * 3).max(stats.entries() as u64 * (32 << 10)).max(1 << 30);
+    let mut disk = FreshFs::try_new(&ctx.o.dir, size);
+    let where_initial = initial_place(disk.is_some());
+    // Timed initial runs: each on a new filesystem where one can be made.
+    let mut initial = |c: Copier| -> Result<f64> {
+        let Some(fs) = disk.as_mut() else {
+            return fresh(c);
+        };
+        let mnt = fs.remake()?.to_path_buf();
+        sync();
+        copy_into(c, &mnt.join(dest_of(c).file_name().expect("named")))
+    };
     let (mut ours, mut ours_nc) = (Samples::default(), Samples::default());
     let (mut rsync, mut cp) = (Samples::default(), Samples::default());
+    // Each copy plus the `sync` that makes it durable (ours already is;
+    // rsync and cp leave their writes in the page cache).
+    let (mut ours_d, mut rsync_d) = (Samples::default(), Samples::default());
     for r in 0..ctx.o.rounds {
         eprintln!("bench: push-local initial round {}/{}", r + 1, ctx.o.rounds);
         let mut order = [
@@ -397,15 +419,25 @@ fn push_local_suite(ctx: &Ctx) -> Result<Table> {
             order.reverse();
         }
         for c in order {
-            let s = fresh(c)?;
+            let s = initial(c)?;
+            let flushed = Instant::now();
+            sync();
+            let durable = s + flushed.elapsed().as_secs_f64();
             match c {
-                Copier::Ours => ours.push(s),
+                Copier::Ours => {
+                    ours.push(s);
+                    ours_d.push(durable);
+                }
+                Copier::Rsync => {
+                    rsync.push(s);
+                    rsync_d.push(durable);
+                }
                 Copier::OursNoCache => ours_nc.push(s),
-                Copier::Rsync => rsync.push(s),
                 Copier::CpA => cp.push(s),
             }
         }
     }
+    drop(disk);
     remove(&d_cp)?;
     // Whichever ran last, leave both destinations holding the tree.
     fresh(Copier::Ours)?;
@@ -505,6 +537,7 @@ fn push_local_suite(ctx: &Ctx) -> Result<Table> {
     );
 
     let mut context = machine_context(ctx.o, &stats);
+    context.push(("initial runs".into(), where_initial.into()));
     context.push((
         "incremental".into(),
         format!(
@@ -527,6 +560,14 @@ fn push_local_suite(ctx: &Ctx) -> Result<Table> {
             peer_name: "cp -a".into(),
             peer: cp.clone(),
             target: Some(1.3),
+            note: String::new(),
+        },
+        Row {
+            case: "initial push, then sync".into(),
+            ours: ours_d,
+            peer_name: "rsync -a, then sync".into(),
+            peer: rsync_d,
+            target: None,
             note: String::new(),
         },
         Row {
@@ -583,6 +624,15 @@ fn push_local_suite(ctx: &Ctx) -> Result<Table> {
         checks: Vec::new(),
         cleanup,
     })
+}
+
+/// Where the timed initial runs happened, for the report.
+fn initial_place(fresh_fs: bool) -> &'static str {
+    if fresh_fs {
+        "each on a new ext4 (mkfs + loop mount of an image before every run)"
+    } else {
+        "in the work directory, after rm -rf of the last copy and sync"
+    }
 }
 
 /// A child process killed when dropped (agents and daemons).
@@ -743,8 +793,8 @@ fn quic_suite(ctx: &Ctx) -> Result<Table> {
     )?;
 
     // One run of each side; the receiver is started before the clock.
-    let ours = || -> Result<(f64, u64, serde_json::Value)> {
-        let (_agent, addr) = start_agent(ctx, &d_ours, &m_id, &allow)?;
+    let ours = |dest: &Path| -> Result<(f64, u64, serde_json::Value)> {
+        let (_agent, addr) = start_agent(ctx, dest, &m_id, &allow)?;
         let r = run(ctx
             .cli(["push", "--json"])
             .arg(&src)
@@ -756,9 +806,9 @@ fn quic_suite(ctx: &Ctx) -> Result<Table> {
         let wire = num(&v, "wire_bytes")? + num(&v, "wire_rx_bytes")?;
         Ok((r.secs, wire, v))
     };
-    let rsync = || -> Result<(f64, u64)> {
-        std::fs::create_dir_all(&d_rsync)?;
-        let (_d, port) = start_rsyncd(ctx, &d_rsync)?;
+    let rsync = |dest: &Path| -> Result<(f64, u64)> {
+        std::fs::create_dir_all(dest)?;
+        let (_d, port) = start_rsyncd(ctx, dest)?;
         let r = run(Command::new("rsync")
             .args(["-a", "--stats"])
             .arg(&src_slash)
@@ -773,37 +823,55 @@ fn quic_suite(ctx: &Ctx) -> Result<Table> {
         Ok(())
     };
 
+    // Initial runs each on a new filesystem where one can be made (staging
+    // and temporaries need about twice the tree), else in the work dir.
+    let size = (stats.bytes * 4).max(stats.entries() as u64 * (32 << 10)).max(1 << 30);
+    let mut disk = FreshFs::try_new(&ctx.o.dir, size);
+    let where_initial = initial_place(disk.is_some());
     let (mut init_o, mut init_r) = (Samples::default(), Samples::default());
     let (mut init_ob, mut init_rb) = (Vec::new(), Vec::new());
+    // Each initial run plus the `sync` that makes it durable.
+    let (mut init_od, mut init_rd) = (Samples::default(), Samples::default());
     for r in 0..ctx.o.rounds {
         eprintln!("bench: quic initial round {}/{}", r + 1, ctx.o.rounds);
-        let go_ours = |s: &mut Samples, b: &mut Vec<u64>| -> Result<()> {
-            fresh()?;
-            let (t, w, v) = ours()?;
-            ensure!(num(&v, "files")? as usize == stats.files, "{v}");
-            s.push(t);
-            b.push(w);
-            Ok(())
-        };
-        let go_rsync = |s: &mut Samples, b: &mut Vec<u64>| -> Result<()> {
-            fresh()?;
-            let (t, w) = rsync()?;
-            s.push(t);
-            b.push(w);
-            Ok(())
-        };
-        if r % 2 == 0 {
-            go_ours(&mut init_o, &mut init_ob)?;
-            go_rsync(&mut init_r, &mut init_rb)?;
-        } else {
-            go_rsync(&mut init_r, &mut init_rb)?;
-            go_ours(&mut init_o, &mut init_ob)?;
+        let order = if r % 2 == 0 { [true, false] } else { [false, true] };
+        for is_ours in order {
+            let default = if is_ours { &d_ours } else { &d_rsync };
+            let dest = match disk.as_mut() {
+                Some(fs) => {
+                    let mnt = fs.remake()?.to_path_buf();
+                    sync();
+                    mnt.join(default.file_name().expect("named"))
+                }
+                None => {
+                    fresh()?;
+                    default.clone()
+                }
+            };
+            let flush = || {
+                let t = Instant::now();
+                sync();
+                t.elapsed().as_secs_f64()
+            };
+            if is_ours {
+                let (t, w, v) = ours(&dest)?;
+                ensure!(num(&v, "files")? as usize == stats.files, "{v}");
+                init_o.push(t);
+                init_od.push(t + flush());
+                init_ob.push(w);
+            } else {
+                let (t, w) = rsync(&dest)?;
+                init_r.push(t);
+                init_rd.push(t + flush());
+                init_rb.push(w);
+            }
         }
     }
+    drop(disk);
     // Both mirrors hold the tree.
     fresh()?;
-    ours()?;
-    rsync()?;
+    ours(&d_ours)?;
+    rsync(&d_rsync)?;
     let check = run(Command::new("diff")
         .args(["-r", "--no-dereference", "-q"])
         .arg(&src)
@@ -828,13 +896,13 @@ fn quic_suite(ctx: &Ctx) -> Result<Table> {
         for s in steps {
             match s {
                 0 => {
-                    let (t, w, v) = ours()?;
+                    let (t, w, v) = ours(&d_ours)?;
                     ensure!(v["unchanged"] == true, "not unchanged: {v}");
                     un_o.push(t);
                     un_ob.push(w);
                 }
                 1 => {
-                    let (t, w) = rsync()?;
+                    let (t, w) = rsync(&d_rsync)?;
                     un_r.push(t);
                     un_rb.push(w);
                 }
@@ -891,14 +959,14 @@ fn quic_suite(ctx: &Ctx) -> Result<Table> {
         for s in steps {
             if s == 0 {
                 restore(&[&mirrors[0], &mirrors[1]])?;
-                let (t, w, v) = ours()?;
+                let (t, w, v) = ours(&d_ours)?;
                 ensure!(v["unchanged"] == false, "{v}");
                 inc_o.push(t);
                 inc_ob.push(w);
                 same_as_src(&d_ours)?;
             } else {
                 restore(&[&mirrors[2]])?;
-                let (t, w) = rsync()?;
+                let (t, w) = rsync(&d_rsync)?;
                 inc_r.push(t);
                 inc_rb.push(w);
             }
@@ -907,6 +975,7 @@ fn quic_suite(ctx: &Ctx) -> Result<Table> {
 
     let max_of = |v: &[u64]| v.iter().copied().max().unwrap_or(0) as f64;
     let mut context = machine_context(ctx.o, &stats);
+    context.push(("initial runs".into(), where_initial.into()));
     context.push((
         "transport".into(),
         "sync-cli push quic://127.0.0.1 to sync-agent serve (mutual TLS) vs rsync -a to rsync --daemon on 127.0.0.1; a fresh receiver process per run, started before the clock; wire bytes: QUIC UDP payload both ways vs rsync's --stats totals".into(),
@@ -927,6 +996,14 @@ fn quic_suite(ctx: &Ctx) -> Result<Table> {
             peer_name: "rsync -a to rsync daemon".into(),
             peer: init_r,
             target: Some(1.0),
+        },
+        Row {
+            case: "initial sync, then sync".into(),
+            note: String::new(),
+            ours: init_od,
+            peer_name: "rsync daemon, then sync".into(),
+            peer: init_rd,
+            target: None,
         },
         Row {
             case: "5 new builds".into(),
