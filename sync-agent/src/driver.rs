@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use quinn::{Connection, RecvStream, SendStream};
-use sync_core::commit::{CommitOptions, Receiver};
+use sync_core::commit::{CommitOptions, Prebuilder, Receiver};
 use sync_core::hash::{ChunkId, SnapshotId, TreeId};
 use sync_core::manifest::{lossy, Manifest};
 use sync_core::safefs::Root;
@@ -676,6 +676,8 @@ pub async fn drive_sink(
     let mut no_data: VecDeque<Vec<u8>> = VecDeque::new();
     let mut to_store: VecDeque<(ChunkId, Vec<u8>)> = VecDeque::new();
     let mut storing = false;
+    // Set once the receiver has planned the commit ahead.
+    let prebuilder: Arc<Mutex<Option<Arc<Prebuilder>>>> = Arc::default();
     let mut jobs: JoinSet<Job> = JoinSet::new();
     let mut outcome: Option<Result<Summary, DriveError>> = None;
     let mut peer_err: Option<DriveError> = None;
@@ -697,8 +699,18 @@ pub async fn drive_sink(
             match ev {
                 SinkEvent::NeedChunkCheck(list) => {
                     let recv = io.recv.clone();
+                    let incoming = session.incoming().cloned();
+                    let copts = io.commit.clone();
+                    let slot = prebuilder.clone();
                     blocking(&mut jobs, move || {
-                        let r = recv.lock().expect("receiver lock");
+                        let mut r = recv.lock().expect("receiver lock");
+                        // Plan now, so that files are built as they arrive.
+                        if let Some(m) = incoming {
+                            match r.expect(&m, &copts) {
+                                Ok(b) => *slot.lock().expect("slot") = b,
+                                Err(e) => tracing::warn!("planning ahead failed: {e}"),
+                            }
+                        }
                         Job::Missing(Ok(list
                             .into_iter()
                             .map(|c| c.0)
@@ -716,8 +728,11 @@ pub async fn drive_sink(
                         // Unreachable tree objects are dropped by the
                         // receiver's own amortized rewrite, not per commit.
                         let m = manifest;
-                        let res = r
-                            .plan(&m)
+                        let planned = match r.expected_plan(&m) {
+                            Some(plan) => Ok(plan),
+                            None => r.plan(&m),
+                        };
+                        let res = planned
                             .and_then(|plan| r.commit(&m, &plan, &copts))
                             .map(|s| {
                                 tracing::info!(
@@ -764,11 +779,21 @@ pub async fn drive_sink(
                     break;
                 }
             }
+            let batch = Arc::new(batch);
+            // Files that are one of these chunks get their temporary now,
+            // beside the staging (not under the receiver's lock).
+            if let Some(b) = prebuilder.lock().expect("slot").clone() {
+                let chunks = batch.clone();
+                blocking(&mut jobs, move || {
+                    b.build(&chunks);
+                    Job::Indexed(Ok(()))
+                });
+            }
             let recv = io.recv.clone();
             blocking(&mut jobs, move || {
                 let mut r = recv.lock().expect("receiver lock");
                 let mut ids = Vec::with_capacity(batch.len());
-                for (id, data) in &batch {
+                for (id, data) in batch.iter() {
                     // The session checked each chunk against its id.
                     if let Err(e) = r.stage_checked(*id, data) {
                         return Job::Stored(Err(format!("staging failed: {e}")));

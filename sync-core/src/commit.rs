@@ -151,6 +151,87 @@ pub struct Receiver {
     /// (from, to, digest) of the last plan [`Receiver::plan`] made: a commit
     /// of that very plan need not build it again to check it.
     planned: Mutex<Option<(SnapshotId, SnapshotId, [u8; 32])>>,
+    /// Temporaries built while the chunks of an expected snapshot arrive.
+    prebuild: Option<Prebuild>,
+}
+
+/// What [`Receiver::expect`] planned: the plan (taken for the commit),
+/// and the builder of its files' temporaries.
+struct Prebuild {
+    plan: Option<SyncPlan>,
+    digest: [u8; 32],
+    owners: bool,
+    builder: Arc<Prebuilder>,
+}
+
+/// Builds the temporaries of an expected plan's files as soon as their
+/// content arrives, on the caller's thread and without the receiver: a
+/// driver runs it beside the staging of the same chunks. Only files that
+/// are exactly one chunk are built here; the commit builds the rest, and
+/// closes the builder first (waiting for a batch in progress).
+pub struct Prebuilder {
+    tmp: OwnedFd,
+    owners: bool,
+    files: Vec<Op>,
+    state: Mutex<PrebuildState>,
+}
+
+#[derive(Default)]
+struct PrebuildState {
+    /// Files that are one chunk, by that chunk.
+    waiting: std::collections::HashMap<ChunkId, Vec<usize>>,
+    /// Indexes (in the plan's files) of the temporaries built.
+    built: HashSet<usize>,
+    closed: bool,
+}
+
+impl Prebuilder {
+    /// Build the temporaries of the expected files that are exactly one of
+    /// `chunks` (each already checked against its id). A temporary that
+    /// fails is removed and left to the commit.
+    pub fn build(&self, chunks: &[(ChunkId, Vec<u8>)]) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if st.closed {
+            return;
+        }
+        for (id, data) in chunks {
+            let Some(files) = st.waiting.remove(id) else {
+                continue;
+            };
+            for i in files {
+                let name = tmp_name('f', i);
+                let one = OneChunk(*id, data);
+                match build_file(self.tmp.as_fd(), &name, &self.files[i], &one, self.owners) {
+                    Ok(()) => {
+                        st.built.insert(i);
+                    }
+                    Err(e) => {
+                        tracing::debug!("temporary left to the commit: {e}");
+                        let _ = unlinkat(&self.tmp, name.as_str(), AtFlags::empty());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Stop building; the temporaries built so far.
+    fn close(&self) -> HashSet<usize> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.closed = true;
+        std::mem::take(&mut st.built)
+    }
+}
+
+/// One chunk in memory, as a [`ChunkSource`].
+struct OneChunk<'a>(ChunkId, &'a [u8]);
+
+impl ChunkSource for OneChunk<'_> {
+    fn have(&self, id: &ChunkId) -> bool {
+        *id == self.0
+    }
+    fn read(&self, id: &ChunkId) -> Option<Vec<u8>> {
+        (*id == self.0).then(|| self.1.to_vec())
+    }
 }
 
 /// What a long-running agent keeps of a tree between its sessions: the
@@ -272,6 +353,7 @@ impl Receiver {
             recovered: None,
             cache: cache.cloned(),
             planned: Mutex::new(None),
+            prebuild: None,
         };
         r.recovered = r.recover()?;
         if r.recovered.is_none() {
@@ -342,6 +424,61 @@ impl Receiver {
         let plan = SyncPlan::build(&self.committed, new, |id| self.have(id))?;
         *self.planned.lock().unwrap() = Some((plan.from, plan.to, plan.digest()));
         Ok(plan)
+    }
+
+    /// Get ready for a commit of `new` whose chunks are about to arrive:
+    /// plan it now, and build the temporary of each file that is a single
+    /// chunk as soon as [`Receiver::prebuild`] is handed that chunk, while
+    /// the rest is still in flight. Nothing in the tree changes; a session
+    /// that ends without committing leaves only scratch files, cleared on
+    /// the next open.
+    pub fn expect(
+        &mut self,
+        new: &Manifest,
+        opts: &CommitOptions,
+    ) -> Result<Option<Arc<Prebuilder>>, CommitError> {
+        if let Some(p) = self.prebuild.take() {
+            p.builder.close();
+        }
+        if self.state.read_journal()?.is_some() {
+            return Ok(None);
+        }
+        self.clean_scratch()?;
+        let plan = self.plan(new)?;
+        let mut state = PrebuildState::default();
+        for (i, op) in plan.files.iter().enumerate() {
+            if let Kind::File { size, hash, chunks } = &op.entry.kind {
+                if *size > 0 && chunks.is_empty() {
+                    state
+                        .waiting
+                        .entry(ChunkId::from(*hash))
+                        .or_default()
+                        .push(i);
+                }
+            }
+        }
+        let owners = opts.owners && rustix::process::geteuid().is_root();
+        let builder = Arc::new(Prebuilder {
+            tmp: self.open_state_dir("tmp")?,
+            owners,
+            files: plan.files.clone(),
+            state: Mutex::new(state),
+        });
+        self.prebuild = Some(Prebuild {
+            digest: plan.digest(),
+            plan: Some(plan),
+            owners,
+            builder: builder.clone(),
+        });
+        Ok(Some(builder))
+    }
+
+    /// The plan made by [`Receiver::expect`], if `new` is what was
+    /// expected (the commit then need not plan again).
+    pub fn expected_plan(&mut self, new: &Manifest) -> Option<SyncPlan> {
+        let p = self.prebuild.as_mut()?;
+        let plan = p.plan.take()?;
+        (plan.from == self.committed.snapshot() && plan.to == new.snapshot()).then_some(plan)
     }
 
     /// The chunks of `plan` still to fetch: neither staged nor in the tree.
@@ -430,14 +567,25 @@ impl Receiver {
         let _g = span.enter();
 
         self.staging.persist()?;
-        self.clean_scratch()?;
+        // Temporaries built while the chunks arrived are kept (scratch
+        // holds nothing else since `expect` cleared it); others start clean.
+        let prebuilt = match self.prebuild.take() {
+            Some(p) if p.digest == digest && p.owners == owners => p.builder.close(),
+            other => {
+                if let Some(p) = other {
+                    p.builder.close();
+                }
+                self.clean_scratch()?;
+                HashSet::new()
+            }
+        };
         let tmp = self.open_state_dir("tmp")?;
         let started = std::time::Instant::now();
         let prepared = {
             let mut sources: Vec<&dyn ChunkSource> = vec![&self.staging, self.tree_chunks()];
             sources.extend(extra);
             let src = Sources(sources);
-            prepare(&self.root, &tmp, plan, &src, owners)
+            prepare(&self.root, &tmp, plan, &src, owners, &prebuilt)
         };
         let (files_written, bytes_written) = match prepared {
             Ok(v) => v,
@@ -689,6 +837,7 @@ fn prepare(
     plan: &SyncPlan,
     src: &dyn ChunkSource,
     owners: bool,
+    prebuilt: &HashSet<usize>,
 ) -> Result<(u64, u64), CommitError> {
     preflight(root, plan)?;
     let bytes = plan.file_bytes();
@@ -703,7 +852,9 @@ fn prepare(
     }
     let every = step(plan.files.len());
     let build = |(i, op): (usize, &Op)| -> Result<(), CommitError> {
-        build_file(tmp.as_fd(), &tmp_name('f', i), op, src, owners)?;
+        if !prebuilt.contains(&i) {
+            build_file(tmp.as_fd(), &tmp_name('f', i), op, src, owners)?;
+        }
         if i % every == 0 {
             hit("temp-file-written");
         }
@@ -717,6 +868,7 @@ fn prepare(
     }
     tracing::debug!(
         files = plan.files.len(),
+        before = prebuilt.len(),
         ms = started.elapsed().as_millis() as u64,
         "temporary files built"
     );
@@ -1279,6 +1431,64 @@ mod tests {
             .collect();
         v.sort();
         v
+    }
+
+    /// Temporaries built while chunks arrive are used by the commit (which
+    /// would fail on an existing temporary if it built them again); the
+    /// rest comes from staging; an unexpected snapshot ignores them.
+    #[test]
+    fn files_built_ahead_are_committed_and_the_rest_come_from_staging() {
+        let t = tempfile::tempdir().unwrap();
+        let (src, dest) = (t.path().join("src"), t.path().join("dest"));
+        std::fs::create_dir_all(src.join("d")).unwrap();
+        for i in 0..6u8 {
+            std::fs::write(src.join(format!("d/f{i}")), vec![i; 1000 + i as usize]).unwrap();
+        }
+        std::fs::write(src.join("d/same-as-f1"), vec![1u8; 1001]).unwrap();
+        std::os::unix::fs::symlink("d/f1", src.join("cur")).unwrap();
+        let m = scan(&src);
+        let opts = CommitOptions::default();
+        let mut r = Receiver::open(&dest, None).unwrap();
+        let b = r.expect(&m, &opts).unwrap().expect("a builder");
+        let chunk = |name: &str| {
+            let data = std::fs::read(src.join(name)).unwrap();
+            (ChunkId::of(&data), data)
+        };
+        // Every chunk is staged; all but f5's are handed to the builder.
+        let chunks: Vec<_> = (0..6).map(|i| chunk(&format!("d/f{i}"))).collect();
+        for (id, data) in &chunks {
+            r.stage(*id, data).unwrap();
+        }
+        r.persist_staging().unwrap();
+        b.build(&chunks[..5]);
+        let tmp = r.state_dir().join("tmp");
+        assert_eq!(
+            std::fs::read_dir(&tmp).unwrap().count(),
+            6,
+            "f0-f4 and the copy of f1"
+        );
+        let plan = r.expected_plan(&m).expect("the plan made ahead");
+        r.commit(&m, &plan, &opts).unwrap();
+        assert!(r.verify(&VerifyOptions::default()).unwrap().is_clean());
+        assert_eq!(scan(&dest).root(), m.root());
+        b.build(&chunks[5..]);
+        assert_eq!(
+            std::fs::read_dir(&tmp).unwrap().count(),
+            0,
+            "closed by the commit"
+        );
+
+        // Expecting one snapshot and committing another: built files unused.
+        std::fs::write(src.join("d/f0"), b"changed").unwrap();
+        let m2 = scan(&src);
+        let b = r.expect(&m2, &opts).unwrap().expect("a builder");
+        b.build(&[chunk("d/f0")]);
+        std::fs::write(src.join("d/f0"), b"changed again").unwrap();
+        let m3 = scan(&src);
+        assert!(r.expected_plan(&m3).is_none());
+        push_local(&m3, &src, &mut r, &opts).unwrap();
+        assert_eq!(scan(&dest).root(), m3.root());
+        assert_eq!(std::fs::read(dest.join("d/f0")).unwrap(), b"changed again");
     }
 
     /// A receiver kept in a cache across sessions follows every commit:

@@ -222,6 +222,13 @@ impl SinkSession {
         self.offered
     }
 
+    /// The offered snapshot's manifest, once all its trees are here and
+    /// until it is handed over for the commit (from the
+    /// [`SinkEvent::NeedChunkCheck`] on): a driver may plan with it early.
+    pub fn incoming(&self) -> Option<&Manifest> {
+        matches!(self.state, State::CheckChunks | State::Transfer).then_some(&self.incoming)
+    }
+
     /// The root committed before this session.
     pub fn committed_root(&self) -> Option<SnapshotId> {
         self.committed

@@ -390,7 +390,9 @@ fn push_local_suite(ctx: &Ctx) -> Result<Table> {
         sync();
         copy_into(c, dest)
     };
-    let size = (stats.bytes * 3).max(stats.entries() as u64 * (32 << 10)).max(1 << 30);
+    let size = (stats.bytes * 3)
+        .max(stats.entries() as u64 * (32 << 10))
+        .max(1 << 30);
     let mut disk = FreshFs::try_new(&ctx.o.dir, size);
     let where_initial = initial_place(disk.is_some());
     // Timed initial runs: each on a new filesystem where one can be made.
@@ -825,7 +827,9 @@ fn quic_suite(ctx: &Ctx) -> Result<Table> {
 
     // Initial runs each on a new filesystem where one can be made (staging
     // and temporaries need about twice the tree), else in the work dir.
-    let size = (stats.bytes * 4).max(stats.entries() as u64 * (32 << 10)).max(1 << 30);
+    let size = (stats.bytes * 4)
+        .max(stats.entries() as u64 * (32 << 10))
+        .max(1 << 30);
     let mut disk = FreshFs::try_new(&ctx.o.dir, size);
     let where_initial = initial_place(disk.is_some());
     let (mut init_o, mut init_r) = (Samples::default(), Samples::default());
@@ -834,7 +838,11 @@ fn quic_suite(ctx: &Ctx) -> Result<Table> {
     let (mut init_od, mut init_rd) = (Samples::default(), Samples::default());
     for r in 0..ctx.o.rounds {
         eprintln!("bench: quic initial round {}/{}", r + 1, ctx.o.rounds);
-        let order = if r % 2 == 0 { [true, false] } else { [false, true] };
+        let order = if r % 2 == 0 {
+            [true, false]
+        } else {
+            [false, true]
+        };
         for is_ours in order {
             let default = if is_ours { &d_ours } else { &d_rsync };
             let dest = match disk.as_mut() {
