@@ -48,6 +48,8 @@ pub const READ_BATCH: u64 = 4 << 20;
 pub const READS_IN_FLIGHT: usize = 2;
 /// Chunk bytes staged per job (each job ends with an fsync).
 const STORE_BATCH: usize = 1 << 20;
+/// Staged batches at most waiting to have their files built ahead.
+const PREBUILDS: usize = 16;
 /// How long a finished stream waits for the peer to acknowledge its data.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest file of tree objects kept for a resumed tree fetch.
@@ -218,6 +220,8 @@ enum Job {
     Committed(Result<SnapshotId, String>),
     Read(Result<Vec<(ChunkId, Vec<u8>)>, String>),
     Indexed(Result<(), String>),
+    /// Temporaries built ahead from one staged batch.
+    Prebuilt,
 }
 
 /// Aborts a task when dropped.
@@ -678,6 +682,7 @@ pub async fn drive_sink(
     let mut storing = false;
     // Set once the receiver has planned the commit ahead.
     let prebuilder: Arc<Mutex<Option<Arc<Prebuilder>>>> = Arc::default();
+    let mut prebuilding = 0usize;
     let mut jobs: JoinSet<Job> = JoinSet::new();
     let mut outcome: Option<Result<Summary, DriveError>> = None;
     let mut peer_err: Option<DriveError> = None;
@@ -781,12 +786,16 @@ pub async fn drive_sink(
             }
             let batch = Arc::new(batch);
             // Files that are one of these chunks get their temporary now,
-            // beside the staging (not under the receiver's lock).
-            if let Some(b) = prebuilder.lock().expect("slot").clone() {
+            // beside the staging (not under the receiver's lock). At most
+            // PREBUILDS batches wait for it: behind that, the commit builds
+            // them, and memory stays bounded.
+            let builder = prebuilder.lock().expect("slot").clone();
+            if let Some(b) = builder.filter(|_| prebuilding < PREBUILDS) {
+                prebuilding += 1;
                 let chunks = batch.clone();
                 blocking(&mut jobs, move || {
                     b.build(&chunks);
-                    Job::Indexed(Ok(()))
+                    Job::Prebuilt
                 });
             }
             let recv = io.recv.clone();
@@ -826,6 +835,7 @@ pub async fn drive_sink(
                 Ok(Job::Committed(r)) => { let _ = session.commit_done(r); }
                 Ok(Job::Stored(Err(m))) => { storing = false; session.abort(ErrorCode::Internal, m) }
                 Ok(Job::Missing(Err(m)) | Job::Read(Err(m))) => session.abort(ErrorCode::Internal, m),
+                Ok(Job::Prebuilt) => prebuilding -= 1,
                 Ok(Job::Read(Ok(_)) | Job::Indexed(_)) => {}
                 Err(e) => session.abort(ErrorCode::Internal, format!("worker failed: {e}")),
             },
