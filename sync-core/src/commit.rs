@@ -427,11 +427,12 @@ impl Receiver {
     }
 
     /// Get ready for a commit of `new` whose chunks are about to arrive:
-    /// plan it now, and build the temporary of each file that is a single
-    /// chunk as soon as [`Receiver::prebuild`] is handed that chunk, while
-    /// the rest is still in flight. Nothing in the tree changes; a session
-    /// that ends without committing leaves only scratch files, cleared on
-    /// the next open.
+    /// plan it now, and return a [`Prebuilder`] that builds the temporary
+    /// of each file that is a single chunk as soon as it is handed that
+    /// chunk, while the rest is still in flight. Nothing in the tree
+    /// changes; a session that ends without committing leaves only scratch
+    /// files, cleared on the next open. `None` while a journaled commit
+    /// waits to be finished.
     pub fn expect(
         &mut self,
         new: &Manifest,
