@@ -406,7 +406,16 @@ fn push_and_restore_dlrn_and_edge_trees() {
 
     create_edge_tree(&esrc).unwrap();
     let p = ok_json(&c.push(&esrc, &agent.url("edge")), "edge push");
-    assert!(p["files"].as_u64().unwrap() > 0);
+    // Regular files, each hard-linked name counted, as `scan` counts them.
+    let scanned = ok_json(
+        &cli(
+            c.work,
+            &["scan".as_ref(), "--json".as_ref(), esrc.as_os_str()],
+        ),
+        "edge scan",
+    );
+    assert!(scanned["hardlinks"].as_u64().unwrap() > 0, "{scanned}");
+    assert_eq!(p["files"], scanned["files"], "{p}");
     assert_same(&esrc, &emirror);
     let r = ok_json(&c.restore(&agent.url("edge"), &erestored), "edge restore");
     assert_eq!(r["root"], p["root"]);
