@@ -222,6 +222,8 @@ enum Job {
     Indexed(Result<(), String>),
     /// Temporaries built ahead from one staged batch.
     Prebuilt,
+    /// The sink's commit planned ahead.
+    Planned,
 }
 
 /// Aborts a task when dropped.
@@ -525,7 +527,10 @@ pub async fn drive_source(
             let (root, locator) = (io.root.clone(), io.locator.clone());
             reading += 1;
             blocking(&mut jobs, move || {
-                let r = locator.build().and_then(|l| read_chunks(&root, l, &ids));
+                // The partial index when it holds them all, else the whole.
+                let r = locator
+                    .covering(&ids)
+                    .and_then(|l| read_chunks(&root, l, &ids));
                 Job::Read(r)
             });
         }
@@ -704,18 +709,8 @@ pub async fn drive_sink(
             match ev {
                 SinkEvent::NeedChunkCheck(list) => {
                     let recv = io.recv.clone();
-                    let incoming = session.incoming().cloned();
-                    let copts = io.commit.clone();
-                    let slot = prebuilder.clone();
                     blocking(&mut jobs, move || {
-                        let mut r = recv.lock().expect("receiver lock");
-                        // Plan now, so that files are built as they arrive.
-                        if let Some(m) = incoming {
-                            match r.expect(&m, &copts) {
-                                Ok(b) => *slot.lock().expect("slot") = b,
-                                Err(e) => tracing::warn!("planning ahead failed: {e}"),
-                            }
-                        }
+                        let r = recv.lock().expect("receiver lock");
                         Job::Missing(Ok(list
                             .into_iter()
                             .map(|c| c.0)
@@ -735,7 +730,7 @@ pub async fn drive_sink(
                         let m = manifest;
                         let planned = match r.expected_plan(&m) {
                             Some(plan) => Ok(plan),
-                            None => r.plan(&m),
+                            None => r.plan(&m).map(Arc::new),
                         };
                         let res = planned
                             .and_then(|plan| r.commit(&m, &plan, &copts))
@@ -830,13 +825,28 @@ pub async fn drive_sink(
         }
         tokio::select! {
             Some(j) = jobs.join_next() => match j {
-                Ok(Job::Missing(Ok(ids))) => { let _ = session.chunks_missing(ids); }
+                Ok(Job::Missing(Ok(ids))) => {
+                    let fetching = !ids.is_empty();
+                    let _ = session.chunks_missing(ids);
+                    // Plan the commit while the first chunks are on their
+                    // way, so that files are built as they arrive.
+                    if let Some(m) = session.incoming().filter(|_| fetching).cloned() {
+                        let (recv, copts, slot) = (io.recv.clone(), io.commit.clone(), prebuilder.clone());
+                        blocking(&mut jobs, move || {
+                            match recv.lock().expect("receiver lock").expect(&m, &copts) {
+                                Ok(b) => *slot.lock().expect("slot") = b,
+                                Err(e) => tracing::warn!("planning ahead failed: {e}"),
+                            }
+                            Job::Planned
+                        });
+                    }
+                }
                 Ok(Job::Stored(Ok(ids))) => { storing = false; let _ = session.chunks_stored(ids); }
                 Ok(Job::Committed(r)) => { let _ = session.commit_done(r); }
                 Ok(Job::Stored(Err(m))) => { storing = false; session.abort(ErrorCode::Internal, m) }
                 Ok(Job::Missing(Err(m)) | Job::Read(Err(m))) => session.abort(ErrorCode::Internal, m),
                 Ok(Job::Prebuilt) => prebuilding -= 1,
-                Ok(Job::Read(Ok(_)) | Job::Indexed(_)) => {}
+                Ok(Job::Read(Ok(_)) | Job::Indexed(_) | Job::Planned) => {}
                 Err(e) => session.abort(ErrorCode::Internal, format!("worker failed: {e}")),
             },
             p = ctl_tx.reserve(), if !ctl_out.is_empty() => match p {
@@ -878,5 +888,37 @@ pub async fn drive_sink(
     DriveOutcome {
         result: outcome.expect("loop ends with an outcome"),
         partial: session.summary(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reads use the partial index while it holds every chunk asked for,
+    /// and build the whole one only for a chunk outside the fetched trees.
+    #[test]
+    fn reads_use_the_partial_index_until_a_chunk_is_outside_it() {
+        let t = tempfile::tempdir().unwrap();
+        for d in ["new", "old"] {
+            std::fs::create_dir_all(t.path().join(d)).unwrap();
+        }
+        std::fs::write(t.path().join("new/a"), b"fetched").unwrap();
+        std::fs::write(t.path().join("old/b"), b"not fetched").unwrap();
+        let opts = sync_core::scan::ScanOptions {
+            cache: None,
+            owners: false,
+        };
+        let m = sync_core::scan::scan(t.path(), &opts).unwrap().manifest;
+        let dir = |name: &[u8]| m.lookup(name).unwrap().unwrap().subtree().unwrap();
+        let (a, b) = (ChunkId::of(b"fetched"), ChunkId::of(b"not fetched"));
+        let l = LazyLocator::new(m.clone());
+        l.build_within(&HashSet::from([dir(b"new")])).unwrap();
+        let part = l.covering(&[a]).unwrap();
+        assert!(part.get(&b).is_none(), "the partial index serves `a`");
+        assert!(l.full.get().is_none(), "no whole index built");
+        let whole = l.covering(&[a, b]).unwrap();
+        assert!(whole.get(&b).is_some());
+        assert!(l.full.get().is_some());
     }
 }

@@ -158,9 +158,9 @@ pub struct Receiver {
 /// What [`Receiver::expect`] planned: the plan (taken for the commit),
 /// and the builder of its files' temporaries.
 struct Prebuild {
-    plan: Option<SyncPlan>,
+    /// Handed out once, by [`Receiver::expected_plan`].
+    handed: bool,
     digest: [u8; 32],
-    owners: bool,
     builder: Arc<Prebuilder>,
 }
 
@@ -172,7 +172,7 @@ struct Prebuild {
 pub struct Prebuilder {
     tmp: OwnedFd,
     owners: bool,
-    files: Vec<Op>,
+    plan: Arc<SyncPlan>,
     state: Mutex<PrebuildState>,
 }
 
@@ -201,7 +201,8 @@ impl Prebuilder {
             for i in files {
                 let name = tmp_name('f', i);
                 let one = OneChunk(*id, data);
-                match build_file(self.tmp.as_fd(), &name, &self.files[i], &one, self.owners) {
+                let op = &self.plan.files[i];
+                match build_file(self.tmp.as_fd(), &name, op, &one, self.owners) {
                     Ok(()) => {
                         st.built.insert(i);
                     }
@@ -341,7 +342,7 @@ impl Receiver {
                 }
                 (c.committed, Some(c.head))
             }
-            _ => state.load_committed()?,
+            _ => state.load_committed(now)?,
         };
         let mut r = Receiver {
             root,
@@ -421,9 +422,16 @@ impl Receiver {
 
     /// The plan from the committed snapshot to `new`.
     pub fn plan(&self, new: &Manifest) -> Result<SyncPlan, CommitError> {
+        Ok(self.plan_and_digest(new)?.0)
+    }
+
+    /// A plan and its digest, remembered so that its commit need not
+    /// rebuild it to check it.
+    fn plan_and_digest(&self, new: &Manifest) -> Result<(SyncPlan, [u8; 32]), CommitError> {
         let plan = SyncPlan::build(&self.committed, new, |id| self.have(id))?;
-        *self.planned.lock().unwrap() = Some((plan.from, plan.to, plan.digest()));
-        Ok(plan)
+        let digest = plan.digest();
+        *self.planned.lock().unwrap() = Some((plan.from, plan.to, digest));
+        Ok((plan, digest))
     }
 
     /// Get ready for a commit of `new` whose chunks are about to arrive:
@@ -445,7 +453,7 @@ impl Receiver {
             return Ok(None);
         }
         self.clean_scratch()?;
-        let plan = self.plan(new)?;
+        let (plan, digest) = self.plan_and_digest(new)?;
         let mut state = PrebuildState::default();
         for (i, op) in plan.files.iter().enumerate() {
             if let Kind::File { size, hash, chunks } = &op.entry.kind {
@@ -458,17 +466,15 @@ impl Receiver {
                 }
             }
         }
-        let owners = opts.owners && rustix::process::geteuid().is_root();
         let builder = Arc::new(Prebuilder {
             tmp: self.open_state_dir("tmp")?,
-            owners,
-            files: plan.files.clone(),
+            owners: opts.owners && rustix::process::geteuid().is_root(),
             state: Mutex::new(state),
+            plan: Arc::new(plan),
         });
         self.prebuild = Some(Prebuild {
-            digest: plan.digest(),
-            plan: Some(plan),
-            owners,
+            handed: false,
+            digest,
             builder: builder.clone(),
         });
         Ok(Some(builder))
@@ -476,10 +482,11 @@ impl Receiver {
 
     /// The plan made by [`Receiver::expect`], if `new` is what was
     /// expected (the commit then need not plan again).
-    pub fn expected_plan(&mut self, new: &Manifest) -> Option<SyncPlan> {
-        let p = self.prebuild.as_mut()?;
-        let plan = p.plan.take()?;
-        (plan.from == self.committed.snapshot() && plan.to == new.snapshot()).then_some(plan)
+    pub fn expected_plan(&mut self, new: &Manifest) -> Option<Arc<SyncPlan>> {
+        let p = self.prebuild.as_mut().filter(|p| !p.handed)?;
+        p.handed = true;
+        let plan = &p.builder.plan;
+        (plan.from == self.committed.snapshot() && plan.to == new.snapshot()).then(|| plan.clone())
     }
 
     /// The chunks of `plan` still to fetch: neither staged nor in the tree.
@@ -571,7 +578,7 @@ impl Receiver {
         // Temporaries built while the chunks arrived are kept (scratch
         // holds nothing else since `expect` cleared it); others start clean.
         let prebuilt = match self.prebuild.take() {
-            Some(p) if p.digest == digest && p.owners == owners => p.builder.close(),
+            Some(p) if p.digest == digest && p.builder.owners == owners => p.builder.close(),
             other => {
                 if let Some(p) = other {
                     p.builder.close();
@@ -1357,18 +1364,21 @@ pub fn push_local(
     let plan = recv.plan(src)?;
     // Every chunk of the plan, not only the missing ones: a tree copy that
     // fails verification at commit time is then read from the source.
-    let src_chunks = TreeChunks::from_index(Arc::new(Root::open(src_root)?), plan_files(&plan));
+    let src_chunks = source_chunks(src_root, &plan)?;
     recv.commit_with(src, &plan, opts, Some(&src_chunks))
 }
 
-/// Where the chunks of the files a plan writes are, in the source tree:
-/// found from the plan alone, so the cost follows the change.
-fn plan_files(plan: &SyncPlan) -> ChunkLocator {
+/// The chunks of the files `plan` writes, in the source tree at
+/// `src_root`: located from the plan alone, so the cost follows the change.
+fn source_chunks(src_root: &Path, plan: &SyncPlan) -> Result<TreeChunks, CommitError> {
     let mut index = ChunkLocator::default();
     for op in &plan.files {
         index.add_file(&op.path, &op.entry);
     }
-    index
+    Ok(TreeChunks::from_index(
+        Arc::new(Root::open(src_root)?),
+        index,
+    ))
 }
 
 /// Like [`push_local`], but every missing chunk travels through the
@@ -1381,7 +1391,7 @@ pub fn push_local_staged(
 ) -> Result<CommitSummary, CommitError> {
     let plan = recv.plan(src)?;
     let missing = recv.missing_chunks(&plan);
-    let src_chunks = TreeChunks::from_index(Arc::new(Root::open(src_root)?), plan_files(&plan));
+    let src_chunks = source_chunks(src_root, &plan)?;
     for (id, _) in missing {
         let data = src_chunks
             .read(&id)

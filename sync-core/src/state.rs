@@ -419,8 +419,12 @@ impl StateDir {
     /// The committed manifest and its head (`None` if nothing was
     /// committed yet). A state directory of the first format is migrated:
     /// its manifest is written as a tree log and a head.
-    pub fn load_committed(&self) -> Result<(Manifest, Option<Head>), StateError> {
-        if let Some(head) = read_head(&self.path)? {
+    /// `head` is the one on disk now (see [`StateDir::head`]).
+    pub fn load_committed(
+        &self,
+        head: Option<Head>,
+    ) -> Result<(Manifest, Option<Head>), StateError> {
+        if let Some(head) = head {
             return Ok((load_trees(&self.path, &head)?, Some(head)));
         }
         let Some(m) = read_v1_manifest(&self.path)? else {
@@ -668,7 +672,7 @@ mod tests {
         std::fs::write(p.join("manifest"), m.encode()).unwrap();
         assert_eq!(peek_committed_root(&p), Some(m.root()));
         assert_eq!(peek_manifest(&p).unwrap().root(), m.root());
-        let (back, head) = st.load_committed().unwrap();
+        let (back, head) = st.load_committed(st.head().unwrap()).unwrap();
         assert_eq!(back.root(), m.root());
         assert_eq!(head.unwrap().root, m.root());
         assert!(!p.join("manifest").exists());

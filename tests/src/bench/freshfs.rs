@@ -12,7 +12,36 @@ use std::process::Command;
 
 use anyhow::{Context, Result};
 
-use super::measure::run;
+use super::measure::{run, sync};
+
+/// Bytes of an image for `copies` copies of a tree of `bytes` and
+/// `entries` (at mkfs's default inode ratio, 16 KiB each, with room).
+pub fn image_size(bytes: u64, entries: usize, copies: u64) -> u64 {
+    (bytes * copies)
+        .max(entries as u64 * (32 << 10))
+        .max(1 << 30)
+}
+
+/// Where one timed initial run writes `dest`: under the same name on a
+/// filesystem made anew (and synced), or `dest` itself once `clear` has
+/// emptied it when there is no such filesystem.
+pub fn fresh_dest(
+    disk: Option<&mut FreshFs>,
+    dest: &Path,
+    clear: impl FnOnce() -> Result<()>,
+) -> Result<PathBuf> {
+    match disk {
+        Some(fs) => {
+            let mnt = fs.remake()?.to_path_buf();
+            sync();
+            Ok(mnt.join(dest.file_name().context("a destination name")?))
+        }
+        None => {
+            clear()?;
+            Ok(dest.to_path_buf())
+        }
+    }
+}
 
 pub struct FreshFs {
     image: PathBuf,

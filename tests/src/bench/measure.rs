@@ -95,6 +95,13 @@ pub fn sync() {
     unsafe { libc::sync() };
 }
 
+/// Seconds a `sync` takes now: what the last run left to make durable.
+pub fn timed_sync() -> f64 {
+    let t = Instant::now();
+    sync();
+    t.elapsed().as_secs_f64()
+}
+
 /// Seconds of several runs of one case.
 #[derive(Clone, Debug, Default)]
 pub struct Samples(pub Vec<f64>);

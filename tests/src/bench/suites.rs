@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 
-use super::freshfs::FreshFs;
-use super::measure::{run, run_shell, sync, Run, Samples};
+use super::freshfs::{fresh_dest, image_size, FreshFs};
+use super::measure::{run, run_shell, sync, timed_sync, Run, Samples};
 use super::report::{Check, Row, Table};
 use super::{BenchOptions, Suite};
 use crate::bins;
@@ -382,27 +382,24 @@ fn push_local_suite(ctx: &Ctx) -> Result<Table> {
         Copier::Rsync => &d_rsync,
         Copier::CpA => &d_cp,
     };
-    // Into the work directory, after deleting the last copy.
-    let fresh = |c: Copier| -> Result<f64> {
-        let dest = dest_of(c);
+    // Empty `dest` and its state dir in the work directory.
+    let clear = |dest: &Path| -> Result<()> {
         remove(dest)?;
         remove(&state_of(dest))?;
         sync();
-        copy_into(c, dest)
+        Ok(())
     };
-    let size = (stats.bytes * 3)
-        .max(stats.entries() as u64 * (32 << 10))
-        .max(1 << 30);
+    let fresh = |c: Copier| -> Result<f64> {
+        clear(dest_of(c))?;
+        copy_into(c, dest_of(c))
+    };
+    let size = image_size(stats.bytes, stats.entries(), 3);
     let mut disk = FreshFs::try_new(&ctx.o.dir, size);
     let where_initial = initial_place(disk.is_some());
     // Timed initial runs: each on a new filesystem where one can be made.
     let mut initial = |c: Copier| -> Result<f64> {
-        let Some(fs) = disk.as_mut() else {
-            return fresh(c);
-        };
-        let mnt = fs.remake()?.to_path_buf();
-        sync();
-        copy_into(c, &mnt.join(dest_of(c).file_name().expect("named")))
+        let dest = fresh_dest(disk.as_mut(), dest_of(c), || clear(dest_of(c)))?;
+        copy_into(c, &dest)
     };
     let (mut ours, mut ours_nc) = (Samples::default(), Samples::default());
     let (mut rsync, mut cp) = (Samples::default(), Samples::default());
@@ -422,9 +419,7 @@ fn push_local_suite(ctx: &Ctx) -> Result<Table> {
         }
         for c in order {
             let s = initial(c)?;
-            let flushed = Instant::now();
-            sync();
-            let durable = s + flushed.elapsed().as_secs_f64();
+            let durable = s + timed_sync();
             match c {
                 Copier::Ours => {
                     ours.push(s);
@@ -827,9 +822,7 @@ fn quic_suite(ctx: &Ctx) -> Result<Table> {
 
     // Initial runs each on a new filesystem where one can be made (staging
     // and temporaries need about twice the tree), else in the work dir.
-    let size = (stats.bytes * 4)
-        .max(stats.entries() as u64 * (32 << 10))
-        .max(1 << 30);
+    let size = image_size(stats.bytes, stats.entries(), 4);
     let mut disk = FreshFs::try_new(&ctx.o.dir, size);
     let where_initial = initial_place(disk.is_some());
     let (mut init_o, mut init_r) = (Samples::default(), Samples::default());
@@ -845,32 +838,17 @@ fn quic_suite(ctx: &Ctx) -> Result<Table> {
         };
         for is_ours in order {
             let default = if is_ours { &d_ours } else { &d_rsync };
-            let dest = match disk.as_mut() {
-                Some(fs) => {
-                    let mnt = fs.remake()?.to_path_buf();
-                    sync();
-                    mnt.join(default.file_name().expect("named"))
-                }
-                None => {
-                    fresh()?;
-                    default.clone()
-                }
-            };
-            let flush = || {
-                let t = Instant::now();
-                sync();
-                t.elapsed().as_secs_f64()
-            };
+            let dest = fresh_dest(disk.as_mut(), default, fresh)?;
             if is_ours {
                 let (t, w, v) = ours(&dest)?;
                 ensure!(num(&v, "files")? as usize == stats.files, "{v}");
                 init_o.push(t);
-                init_od.push(t + flush());
+                init_od.push(t + timed_sync());
                 init_ob.push(w);
             } else {
                 let (t, w) = rsync(&dest)?;
                 init_r.push(t);
-                init_rd.push(t + flush());
+                init_rd.push(t + timed_sync());
                 init_rb.push(w);
             }
         }
