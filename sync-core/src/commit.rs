@@ -5,14 +5,19 @@
 //! 1. every new or changed file is assembled from verified chunks in the
 //!    state directory's `tmp/` (same filesystem as the tree), with its mode,
 //!    mtime and (optionally) owner (symlinks are made at step 4, from the
-//!    manifest);
+//!    manifest). A *fresh subtree* (a new directory whose parent was there
+//!    already, such as a new repository) is built whole in `tmp/t/` at its
+//!    path in the tree: its directories, files, the symlinks that point
+//!    only inside it and its directories' metadata (see
+//!    [`crate::plan::Fresh`]);
 //! 2. one `syncfs` makes all of them durable (one call instead of one fsync
 //!    per file: thousands of small files cost one flush);
 //! 3. the new snapshot's tree objects are appended to the state's tree log,
 //!    then the journal (old and new root, plan digest, log length) is
 //!    written atomically: from here on the commit rolls forward after a
 //!    crash;
-//! 4. the tree is changed: directories, then files renamed into place,
+//! 4. the tree is changed: directories (a fresh subtree appears complete,
+//!    by one rename of its root), then files renamed into place,
 //!    metadata and hard links, then symlinks (created at a free path,
 //!    else built in `tmp/` and renamed over the old entry), then deletions, then
 //!    directory modes and mtimes, deepest first;
@@ -44,7 +49,7 @@ use crate::chunk::chunk_spans;
 use crate::crashpoint::{self, hit};
 use crate::hash::{ChunkId, FileHash, SnapshotId, TreeId};
 use crate::manifest::{lossy, Entry, Kind, Manifest, ManifestError};
-use crate::plan::{NodeKind, Op, PlanError, SyncPlan};
+use crate::plan::{NodeKind, Op, Place, PlanError, SyncPlan};
 use crate::safefs::{self, kind_of, lstat_at, Root, SafeFsError};
 use crate::session::ChunkLocator;
 use crate::state::{default_state_dir, Head, Journal, StateDir, StateError};
@@ -171,6 +176,8 @@ struct Prebuild {
 /// closes the builder first (waiting for a batch in progress).
 pub struct Prebuilder {
     tmp: OwnedFd,
+    /// `tmp/t`, holding the skeleton of the plan's fresh subtrees.
+    fresh: Option<Root>,
     owners: bool,
     plan: Arc<SyncPlan>,
     state: Mutex<PrebuildState>,
@@ -198,18 +205,23 @@ impl Prebuilder {
             let Some(files) = st.waiting.remove(id) else {
                 continue;
             };
+            let mut last = None;
             for i in files {
-                let name = tmp_name('f', i);
                 let one = OneChunk(*id, data);
-                let op = &self.plan.files[i];
-                match build_file(self.tmp.as_fd(), &name, op, &one, self.owners) {
+                let fresh = self.fresh.as_ref();
+                match build_temp(
+                    self.tmp.as_fd(),
+                    fresh,
+                    &self.plan,
+                    i,
+                    &one,
+                    self.owners,
+                    &mut last,
+                ) {
                     Ok(()) => {
                         st.built.insert(i);
                     }
-                    Err(e) => {
-                        tracing::debug!("temporary left to the commit: {e}");
-                        let _ = unlinkat(&self.tmp, name.as_str(), AtFlags::empty());
-                    }
+                    Err(e) => tracing::debug!("temporary left to the commit: {e}"),
                 }
             }
         }
@@ -466,9 +478,23 @@ impl Receiver {
                 }
             }
         }
+        let owners = opts.owners && rustix::process::geteuid().is_root();
+        let (tmp, trash) = (self.open_state_dir("tmp")?, self.open_state_dir("trash")?);
+        let fresh = self.fresh_dir(&plan)?;
+        let a = Applier {
+            root: &self.root,
+            tmp: tmp.as_fd(),
+            trash: trash.as_fd(),
+            owners,
+            fresh: fresh.as_ref(),
+        };
+        if let Some(inner) = a.in_fresh() {
+            build_skeleton(&inner, &plan)?;
+        }
         let builder = Arc::new(Prebuilder {
-            tmp: self.open_state_dir("tmp")?,
-            owners: opts.owners && rustix::process::geteuid().is_root(),
+            tmp,
+            fresh,
+            owners,
             state: Mutex::new(state),
             plan: Arc::new(plan),
         });
@@ -588,12 +614,21 @@ impl Receiver {
             }
         };
         let tmp = self.open_state_dir("tmp")?;
+        let trash = self.open_state_dir("trash")?;
+        let fresh = self.fresh_dir(plan)?;
         let started = std::time::Instant::now();
         let prepared = {
             let mut sources: Vec<&dyn ChunkSource> = vec![&self.staging, self.tree_chunks()];
             sources.extend(extra);
             let src = Sources(sources);
-            prepare(&self.root, &tmp, plan, &src, owners, &prebuilt)
+            let a = Applier {
+                root: &self.root,
+                tmp: tmp.as_fd(),
+                trash: trash.as_fd(),
+                owners,
+                fresh: fresh.as_ref(),
+            };
+            prepare(&a, plan, &src, &prebuilt)
         };
         let (files_written, bytes_written) = match prepared {
             Ok(v) => v,
@@ -669,6 +704,22 @@ impl Receiver {
         })
     }
 
+    /// `tmp/t`, where `plan`'s fresh subtrees are built (made if missing);
+    /// `None` if it has none.
+    fn fresh_dir(&self, plan: &SyncPlan) -> Result<Option<Root>, CommitError> {
+        if plan.fresh.roots().next().is_none() {
+            return Ok(None);
+        }
+        let tmp = self.open_state_dir("tmp")?;
+        match mkdirat(&tmp, FRESH, Mode::from_raw_mode(0o700)) {
+            Ok(()) | Err(Errno::EXIST) => {}
+            Err(e) => return Err(io_err("create", FRESH.as_bytes())(e)),
+        }
+        Ok(Some(Root::open(
+            &self.state.path().join("tmp").join(FRESH),
+        )?))
+    }
+
     /// Empty `tmp/` and `trash/`.
     fn clean_scratch(&self) -> Result<(), CommitError> {
         for sub in ["tmp", "trash"] {
@@ -739,12 +790,14 @@ impl Receiver {
     ) -> Result<CommitSummary, CommitError> {
         let tmp = self.open_state_dir("tmp")?;
         let trash = self.open_state_dir("trash")?;
+        let fresh = self.fresh_dir(plan)?;
         let started = std::time::Instant::now();
         let mut summary = Applier {
             root: &self.root,
             tmp: tmp.as_fd(),
             trash: trash.as_fd(),
             owners,
+            fresh: fresh.as_ref(),
         }
         .apply(plan)?;
         summary.root = Some(plan.to);
@@ -828,6 +881,10 @@ fn ids(e: &Entry) -> (Option<Uid>, Option<Gid>) {
     )
 }
 
+/// The directory in `tmp/` holding fresh subtrees (temporaries are named
+/// by a letter and a number, so never this).
+const FRESH: &str = "t";
+
 fn tmp_name(prefix: char, i: usize) -> String {
     format!("{prefix}{i}")
 }
@@ -837,19 +894,18 @@ fn step(n: usize) -> usize {
     (n / 256).max(1)
 }
 
-/// Build every new file and symlink of `plan` in `tmp`; nothing in the
-/// tree changes. Returns (files, bytes) written.
+/// Build every new file of `plan` in `tmp` and its fresh subtrees whole
+/// in `tmp/t`; nothing in the tree changes. Returns (files, bytes) written.
 fn prepare(
-    root: &Root,
-    tmp: &OwnedFd,
+    a: &Applier<'_>,
     plan: &SyncPlan,
     src: &dyn ChunkSource,
-    owners: bool,
     prebuilt: &HashSet<usize>,
 ) -> Result<(u64, u64), CommitError> {
+    let root = a.root;
     preflight(root, plan)?;
     let bytes = plan.file_bytes();
-    let st = rustix::fs::fstatvfs(tmp).map_err(io_err("statvfs", b"tmp"))?;
+    let st = rustix::fs::fstatvfs(a.tmp).map_err(io_err("statvfs", b"tmp"))?;
     let avail = st.f_bavail.saturating_mul(st.f_frsize);
     if bytes > avail {
         return Err(CommitError::NoSpace {
@@ -858,25 +914,41 @@ fn prepare(
             avail,
         });
     }
+    let started = std::time::Instant::now();
+    let inner = a.in_fresh();
+    if let Some(inner) = &inner {
+        build_skeleton(inner, plan)?;
+    }
     let every = step(plan.files.len());
-    let build = |(i, op): (usize, &Op)| -> Result<(), CommitError> {
+    in_parallel_by(&plan.files, 0, (64, 64), |i, _, last| {
         if !prebuilt.contains(&i) {
-            build_file(tmp.as_fd(), &tmp_name('f', i), op, src, owners)?;
+            build_temp(a.tmp, a.fresh, plan, i, src, a.owners, last)?;
         }
         if i % every == 0 {
             hit("temp-file-written");
         }
         Ok(())
-    };
-    let started = std::time::Instant::now();
-    if plan.files.len() >= 64 {
-        plan.files.par_iter().enumerate().try_for_each(build)?;
-    } else {
-        plan.files.iter().enumerate().try_for_each(build)?;
+    })?;
+    if let Some(inner) = &inner {
+        // Inside a subtree no reader sees yet, in any order.
+        in_parallel(&plan.symlinks, 0, |i, op, last| {
+            match plan.fresh.symlink(i) {
+                true => inner.symlink(i, op, last),
+                false => Ok(()),
+            }
+        })?;
+        in_parallel(&plan.dir_meta, 0, |i, op, _| match plan.fresh.dir_meta(i) {
+            true => inner.dir_meta(op),
+            false => Ok(()),
+        })?;
     }
+    let count = |v: &[bool]| v.iter().filter(|&&b| b).count();
     tracing::debug!(
         files = plan.files.len(),
         before = prebuilt.len(),
+        fresh_roots = plan.fresh.roots().count(),
+        fresh_files = count(&plan.fresh.files),
+        fresh_symlinks = count(&plan.fresh.symlinks),
         ms = started.elapsed().as_millis() as u64,
         "temporary files built"
     );
@@ -913,16 +985,26 @@ fn in_parallel(
     base: usize,
     f: impl Fn(usize, &Op, &mut LastParent) -> Result<(), CommitError> + Sync,
 ) -> Result<(), CommitError> {
+    in_parallel_by(ops, base, (PAR_MIN, PAR_CHUNK), f)
+}
+
+/// [`in_parallel`] from `min` items on, `chunk` items per task.
+fn in_parallel_by(
+    ops: &[Op],
+    base: usize,
+    (min, chunk): (usize, usize),
+    f: impl Fn(usize, &Op, &mut LastParent) -> Result<(), CommitError> + Sync,
+) -> Result<(), CommitError> {
     let run = |(k, part): (usize, &[Op])| {
         let mut last = None;
         part.iter()
             .enumerate()
-            .try_for_each(|(j, op)| f(base + k * PAR_CHUNK + j, op, &mut last))
+            .try_for_each(|(j, op)| f(base + k * chunk + j, op, &mut last))
     };
-    if ops.len() < PAR_MIN {
+    if ops.len() < min {
         return run((0, ops));
     }
-    ops.par_chunks(PAR_CHUNK).enumerate().try_for_each(run)
+    ops.par_chunks(chunk).enumerate().try_for_each(run)
 }
 
 /// The last parent directory opened for a run of paths: symlinks come
@@ -975,9 +1057,65 @@ fn preflight(root: &Root, plan: &SyncPlan) -> Result<(), CommitError> {
     Ok(())
 }
 
+/// Make the directories of `plan`'s fresh subtrees in `tmp/t` (the root
+/// of `inner`), each at its path in the tree, below plain directories
+/// standing for the parents the tree has already. Idempotent.
+fn build_skeleton(inner: &Applier<'_>, plan: &SyncPlan) -> Result<(), CommitError> {
+    let mut made: HashSet<&[u8]> = HashSet::new();
+    for i in plan.fresh.roots() {
+        let mut up = Vec::new();
+        let mut p = safefs::split(&plan.mkdirs[i].path).0;
+        while !p.is_empty() && made.insert(p) {
+            up.push(p);
+            p = safefs::split(p).0;
+        }
+        for a in up.into_iter().rev() {
+            let (dir, name) = inner.root.parent(a)?;
+            match mkdirat(&dir, name, Mode::from_raw_mode(0o700)) {
+                Ok(()) | Err(Errno::EXIST) => {}
+                Err(e) => return Err(io_err("create directory", a)(e)),
+            }
+        }
+    }
+    for (i, op) in plan.mkdirs.iter().enumerate() {
+        if plan.fresh.mkdir(i) != Place::Tree {
+            inner.mkdir(i, op)?;
+        }
+    }
+    Ok(())
+}
+
+/// Build the temporary of `plan.files[i]`: at its path in `fresh` when it
+/// lies in a fresh subtree, else as `tmp/f<i>`. One that fails is removed.
+fn build_temp(
+    tmp: BorrowedFd<'_>,
+    fresh: Option<&Root>,
+    plan: &SyncPlan,
+    i: usize,
+    src: &dyn ChunkSource,
+    owners: bool,
+    last: &mut LastParent,
+) -> Result<(), CommitError> {
+    let op = &plan.files[i];
+    let numbered;
+    let (dir, name) = match fresh.filter(|_| plan.fresh.file(i)) {
+        Some(t) => {
+            let (dir, name) = parent_of(t, &op.path, last)?;
+            (dir.as_fd(), name)
+        }
+        None => {
+            numbered = tmp_name('f', i);
+            (tmp, numbered.as_bytes())
+        }
+    };
+    build_file(dir, name, op, src, owners).inspect_err(|_| {
+        let _ = unlinkat(dir, name, AtFlags::empty());
+    })
+}
+
 fn build_file(
     tmp: BorrowedFd<'_>,
-    name: &str,
+    name: &[u8],
     op: &Op,
     src: &dyn ChunkSource,
     owners: bool,
@@ -1088,6 +1226,8 @@ struct Applier<'a> {
     tmp: BorrowedFd<'a>,
     trash: BorrowedFd<'a>,
     owners: bool,
+    /// Where the plan's fresh subtrees are built (`tmp/t`), if it has any.
+    fresh: Option<&'a Root>,
 }
 
 impl Applier<'_> {
@@ -1095,7 +1235,14 @@ impl Applier<'_> {
         let mut s = CommitSummary::default();
         let every = step(plan.mkdirs.len());
         for (i, op) in plan.mkdirs.iter().enumerate() {
-            self.mkdir(i, op)?;
+            match plan.fresh.mkdir(i) {
+                Place::Tree => self.mkdir(i, op)?,
+                Place::Root => {
+                    self.place_subtree(i, op)?;
+                    hit("subtree-placed");
+                }
+                Place::Inside => {}
+            }
             s.dirs_created += 1;
             if i % every == 0 {
                 hit("mkdir");
@@ -1103,6 +1250,9 @@ impl Applier<'_> {
         }
         let every = step(plan.files.len());
         in_parallel(&plan.files, 0, |i, op, _| {
+            if plan.fresh.file(i) {
+                return Ok(());
+            }
             self.place(&tmp_name('f', i), &op.path)?;
             if i % every == 0 {
                 hit("file-renamed");
@@ -1126,6 +1276,9 @@ impl Applier<'_> {
         for end in ends.chain([plan.symlinks.len()]) {
             let end = end.clamp(start, plan.symlinks.len());
             in_parallel(&plan.symlinks[start..end], start, |i, op, last| {
+                if plan.fresh.symlink(i) {
+                    return Ok(());
+                }
                 self.symlink(i, op, last)?;
                 if i % every == 0 {
                     hit("symlink-flipped");
@@ -1143,8 +1296,10 @@ impl Applier<'_> {
                 hit("deleted");
             }
         }
-        for op in &plan.dir_meta {
-            self.dir_meta(op)?;
+        for (i, op) in plan.dir_meta.iter().enumerate() {
+            if !plan.fresh.dir_meta(i) {
+                self.dir_meta(op)?;
+            }
         }
         hit("dir-meta-set");
         Ok(s)
@@ -1183,6 +1338,46 @@ impl Applier<'_> {
                 .map_err(io_err("chmod", &op.path))?;
         }
         Ok(())
+    }
+
+    /// Move the fresh subtree built at `op.path` in `tmp/t` into the tree
+    /// (gone from there = already done). The path was free in the old
+    /// snapshot: whatever stands there was planted and goes to the trash.
+    fn place_subtree(&self, i: usize, op: &Op) -> Result<(), CommitError> {
+        let t = self.fresh.ok_or_else(|| CommitError::Unexpected {
+            path: lossy(&op.path),
+            found: "no directory of fresh subtrees".into(),
+            want: "a fresh subtree",
+        })?;
+        let (from, name) = match t.parent(&op.path) {
+            Ok(v) => v,
+            Err(e) if e.errno() == Some(libc::ENOENT) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        if lstat_at(&from, name)
+            .map_err(io_err("stat", &op.path))?
+            .is_none()
+        {
+            return Ok(());
+        }
+        let (dir, _) = self.root.parent(&op.path)?;
+        if lstat_at(&dir, name)
+            .map_err(io_err("stat", &op.path))?
+            .is_some()
+        {
+            renameat(&dir, name, self.trash, format!("m{i}").as_str())
+                .map_err(io_err("move aside", &op.path))?;
+        }
+        renameat(&from, name, &dir, name).map_err(io_err("move into place", &op.path))
+    }
+
+    /// The same steps inside `tmp/t`, where the fresh subtrees are built.
+    fn in_fresh(&self) -> Option<Applier<'_>> {
+        Some(Applier {
+            root: self.fresh?,
+            fresh: None,
+            ..*self
+        })
     }
 
     /// Move `tmp/<tmp>` to `path`. Gone from tmp = already done. If a
@@ -1473,10 +1668,19 @@ mod tests {
         r.persist_staging().unwrap();
         b.build(&chunks[..5]);
         let tmp = r.state_dir().join("tmp");
+        let names = |dir: &Path| {
+            let mut v: Vec<String> = std::fs::read_dir(dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            v.sort();
+            v
+        };
+        // `d` is new: its files are built at their names in its subtree.
+        assert_eq!(names(&tmp), ["t"]);
         assert_eq!(
-            std::fs::read_dir(&tmp).unwrap().count(),
-            6,
-            "f0-f4 and the copy of f1"
+            names(&tmp.join("t/d")),
+            ["f0", "f1", "f2", "f3", "f4", "same-as-f1"]
         );
         let plan = r.expected_plan(&m).expect("the plan made ahead");
         r.commit(&m, &plan, &opts).unwrap();
@@ -1494,6 +1698,7 @@ mod tests {
         let m2 = scan(&src);
         let b = r.expect(&m2, &opts).unwrap().expect("a builder");
         b.build(&[chunk("d/f0")]);
+        assert_eq!(names(&tmp), ["f0"], "a changed file is built as tmp/f<i>");
         std::fs::write(src.join("d/f0"), b"changed again").unwrap();
         let m3 = scan(&src);
         assert!(r.expected_plan(&m3).is_none());
@@ -1577,6 +1782,7 @@ mod tests {
             tmp: tmpfd.as_fd(),
             trash: trashfd.as_fd(),
             owners: false,
+            fresh: None,
         };
         let empty = Manifest::empty();
         let mut plan = SyncPlan::build(&empty, &empty, |_| true).unwrap();

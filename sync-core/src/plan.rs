@@ -3,7 +3,7 @@
 //! the commit engine applies it. Built from [`crate::diff::diff`]; easy to
 //! print for `--dry-run`, to test and to fuzz. No IO.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt;
 
 use serde::Serialize;
@@ -80,6 +80,10 @@ pub struct SyncPlan {
     /// of earlier waves (derived from `symlinks`, so not in the digest).
     #[serde(skip)]
     pub symlink_waves: Vec<usize>,
+    /// What is built whole outside the tree and moved in by one rename
+    /// per subtree (derived from the sections, so not in the digest).
+    #[serde(skip)]
+    pub fresh: Fresh,
     /// Removals: symlinks first, then children before parents.
     pub deletions: Vec<Deletion>,
     /// Directories whose mode and mtime are (re)set last, deepest first.
@@ -107,6 +111,7 @@ impl SyncPlan {
             hardlinks: Vec::new(),
             symlinks: Vec::new(),
             symlink_waves: Vec::new(),
+            fresh: Fresh::default(),
             deletions: Vec::new(),
             dir_meta: Vec::new(),
             chunks: Vec::new(),
@@ -177,7 +182,12 @@ impl SyncPlan {
                 });
             }
         }
-        p.symlink_waves = order_symlinks(&mut p.symlinks);
+        let roots = fresh_roots(&p.mkdirs);
+        let (waves, inside) = order_symlinks(&mut p.symlinks, |link, to| {
+            let k = root_of(&roots, split(link).0);
+            k.is_some() && k == root_of(&roots, to)
+        });
+        p.symlink_waves = waves;
         // Symlinks go first so none is left pointing into a removed subtree.
         deletions.reverse();
         deletions.sort_by_key(|d| d.kind != NodeKind::Symlink);
@@ -207,6 +217,7 @@ impl SyncPlan {
                 .then(a.path.cmp(&b.path))
         });
         p.dir_meta = dir_entries;
+        p.fresh = Fresh::of(&p, &roots, inside);
 
         let mut seen = HashSet::new();
         for f in &p.files {
@@ -309,6 +320,134 @@ impl SyncPlan {
     }
 }
 
+/// Where a new directory is made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Place {
+    /// In the tree, at its turn in the apply.
+    Tree,
+    /// Built in the state directory, moved into the tree whole: the root
+    /// of a fresh subtree (its parent was there before, nothing at its path).
+    Root,
+    /// Built inside a fresh subtree, moved in with its root.
+    Inside,
+}
+
+/// The parts of a plan that are built whole in the state directory, before
+/// the journal, and appear in the tree with one rename per subtree: every
+/// new directory whose parent was there already, with the directories and
+/// files below it and the symlinks below it that point only inside it.
+/// A new repository then appears complete in one step, and the apply
+/// renames a few directories instead of every new file.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Fresh {
+    /// Per entry of `mkdirs`.
+    pub mkdirs: Vec<Place>,
+    /// Per entry of `files`: built inside a fresh subtree.
+    pub files: Vec<bool>,
+    /// Per entry of `symlinks`: made inside a fresh subtree (its target,
+    /// the way to it and every new symlink these lead to lie in the same
+    /// subtree).
+    pub symlinks: Vec<bool>,
+    /// Per entry of `dir_meta`: set inside a fresh subtree, for a
+    /// directory below a root that nothing made later goes into and whose
+    /// mode lets its owner add entries (others are set in the tree, last).
+    pub dir_meta: Vec<bool>,
+}
+
+impl Fresh {
+    fn of(p: &SyncPlan, roots: &HashMap<&[u8], usize>, symlinks: Vec<bool>) -> Fresh {
+        let inside = |path: &[u8]| root_of(roots, split(path).0).is_some();
+        let mkdirs = p
+            .mkdirs
+            .iter()
+            .map(|o| {
+                if roots.contains_key(o.path.as_slice()) {
+                    Place::Root
+                } else if inside(&o.path) {
+                    Place::Inside
+                } else {
+                    Place::Tree
+                }
+            })
+            .collect();
+        let files = p.files.iter().map(|o| inside(&o.path)).collect();
+        // Directories that get entries after their subtree is in place.
+        let later: HashSet<&[u8]> = p
+            .hardlinks
+            .iter()
+            .chain(
+                p.symlinks
+                    .iter()
+                    .zip(&symlinks)
+                    .filter(|(_, &i)| !i)
+                    .map(|(o, _)| o),
+            )
+            .map(|o| split(&o.path).0)
+            .collect();
+        let dir_meta = p
+            .dir_meta
+            .iter()
+            .map(|o| {
+                inside(&o.path)
+                    && o.entry.mode & 0o300 == 0o300
+                    && !later.contains(o.path.as_slice())
+            })
+            .collect();
+        Fresh {
+            mkdirs,
+            files,
+            symlinks,
+            dir_meta,
+        }
+    }
+
+    /// Indexes (in `mkdirs`) of the subtree roots.
+    pub fn roots(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.mkdirs.len()).filter(|&i| self.mkdirs[i] == Place::Root)
+    }
+
+    pub fn file(&self, i: usize) -> bool {
+        self.files.get(i).copied().unwrap_or(false)
+    }
+
+    pub fn symlink(&self, i: usize) -> bool {
+        self.symlinks.get(i).copied().unwrap_or(false)
+    }
+
+    pub fn dir_meta(&self, i: usize) -> bool {
+        self.dir_meta.get(i).copied().unwrap_or(false)
+    }
+
+    pub fn mkdir(&self, i: usize) -> Place {
+        self.mkdirs.get(i).copied().unwrap_or(Place::Tree)
+    }
+}
+
+/// The roots of fresh subtrees among `mkdirs` (parents first), by path.
+fn fresh_roots(mkdirs: &[Op]) -> HashMap<&[u8], usize> {
+    let made: HashSet<&[u8]> = mkdirs.iter().map(|o| o.path.as_slice()).collect();
+    mkdirs
+        .iter()
+        .enumerate()
+        .filter(|(_, o)| o.replaces.is_none() && !made.contains(split(&o.path).0))
+        .map(|(i, o)| (o.path.as_slice(), i))
+        .collect()
+}
+
+/// The fresh subtree root that is `path` or one of its ancestors.
+fn root_of(roots: &HashMap<&[u8], usize>, mut path: &[u8]) -> Option<usize> {
+    if roots.is_empty() {
+        return None;
+    }
+    while !path.is_empty() {
+        if let Some(&i) = roots.get(path) {
+            return Some(i);
+        }
+        path = split(path).0;
+    }
+    None
+}
+
 /// The tree path a relative symlink at `link` names, resolved lexically;
 /// `None` for an absolute target or one that leaves the tree.
 pub fn resolve_target(link: &[u8], target: &[u8]) -> Option<Vec<u8>> {
@@ -332,13 +471,14 @@ pub fn resolve_target(link: &[u8], target: &[u8]) -> Option<Vec<u8>> {
 /// Order symlink flips so that a symlink comes after every new symlink
 /// inside the tree it points at (so `current -> repo` flips only once the
 /// symlinks inside `repo` are in place) and after any new symlink on the
-/// way to its target. Returns where each wave ends: the symlinks of a
-/// wave depend on none of each other, only on those of earlier waves.
-fn order_symlinks(ops: &mut Vec<Op>) -> Vec<usize> {
-    use std::collections::HashMap;
-    if ops.len() < 2 {
-        return vec![ops.len()];
-    }
+/// way to its target. Returns where each wave ends (the symlinks of a
+/// wave depend on none of each other, only on those of earlier waves) and,
+/// per symlink in the new order, whether it and every symlink it waits
+/// for (transitively) are `local(link path, resolved target)`.
+fn order_symlinks(
+    ops: &mut Vec<Op>,
+    local: impl Fn(&[u8], &[u8]) -> bool,
+) -> (Vec<usize>, Vec<bool>) {
     // Exact lookups by hash; "every path under a prefix" in a sorted list.
     let at: HashMap<&[u8], usize> = ops
         .iter()
@@ -357,6 +497,7 @@ fn order_symlinks(ops: &mut Vec<Op>) -> Vec<usize> {
         }
     }
     let mut after: Vec<Vec<usize>> = vec![Vec::new(); ops.len()];
+    let mut ok = vec![false; ops.len()];
     let mut indeg = vec![0usize; ops.len()];
     for (i, o) in ops.iter().enumerate() {
         let Kind::Symlink { target } = &o.entry.kind else {
@@ -365,6 +506,7 @@ fn order_symlinks(ops: &mut Vec<Op>) -> Vec<usize> {
         let Some(r) = resolve_target(&o.path, target) else {
             continue;
         };
+        ok[i] = local(&o.path, &r);
         let mut before: Vec<usize> = Vec::new();
         // New symlinks on the way to the target, and the target itself.
         let mut end = 0;
@@ -409,6 +551,7 @@ fn order_symlinks(ops: &mut Vec<Op>) -> Vec<usize> {
         for &i in &wave {
             done[i] = true;
             for &k in &after[i] {
+                ok[k] &= ok[i];
                 indeg[k] -= 1;
                 if indeg[k] == 0 {
                     next.push(k);
@@ -426,9 +569,10 @@ fn order_symlinks(ops: &mut Vec<Op>) -> Vec<usize> {
     if order.len() > before {
         ends.push(order.len());
     }
+    let inside = order.iter().map(|&i| ok[i] && done[i]).collect();
     let mut old: Vec<Option<Op>> = std::mem::take(ops).into_iter().map(Some).collect();
     ops.extend(order.into_iter().filter_map(|i| old[i].take()));
-    ends
+    (ends, inside)
 }
 
 fn human(bytes: u64) -> String {
@@ -646,6 +790,81 @@ mod tests {
         );
         assert_eq!(resolve_target(b"l", b"../x"), None);
         assert_eq!(resolve_target(b"l", b"/x"), None);
+    }
+
+    /// New directories whose parent was there are built whole: their
+    /// contents are `Inside`, symlinks only when all they lead to is too,
+    /// and directory metadata only when nothing comes into it later.
+    #[test]
+    fn fresh_subtrees_and_what_is_built_inside_them() {
+        let d = |name: &[u8], mode| Entry { mode, ..dir(name) };
+        let mut a = Manifest::empty();
+        a.set_entry(b"r", Some(d(b"r", 0o755))).unwrap();
+        a.set_entry(b"k", Some(file(b"k", b"was a file"))).unwrap();
+        let mut b = a.clone();
+        let add =
+            |m: &mut Manifest, path: &str, e: Entry| m.set_entry(path.as_bytes(), Some(e)).unwrap();
+        add(&mut b, "r/new", d(b"new", 0o755));
+        add(&mut b, "r/new/f", file(b"f", b"f"));
+        add(&mut b, "r/new/sub", d(b"sub", 0o755));
+        add(&mut b, "r/new/sub/g", file(b"g", b"g"));
+        add(&mut b, "r/new/sub2", d(b"sub2", 0o755));
+        add(&mut b, "r/new/ro", d(b"ro", 0o555));
+        add(&mut b, "r/new/in", link(b"in", b"sub/g"));
+        add(&mut b, "r/new/sub/l2", link(b"l2", b"../in"));
+        add(&mut b, "r/new/out", link(b"out", b"../x"));
+        add(&mut b, "r/new/sub2/chain", link(b"chain", b"../out"));
+        add(&mut b, "top", file(b"top", b"t"));
+        add(&mut b, "k", d(b"k", 0o755));
+        add(&mut b, "k/f", file(b"f", b"in a replaced path"));
+        let p = SyncPlan::build(&a, &b, |_| false).unwrap();
+        let by = |ops: &[Op], flags: Vec<String>| -> Vec<String> {
+            ops.iter()
+                .zip(flags)
+                .map(|(o, f)| format!("{} {f}", lossy(&o.path)))
+                .collect()
+        };
+        let s = |v: &[bool]| v.iter().map(|b| b.to_string()).collect::<Vec<_>>();
+        let places = p.fresh.mkdirs.iter().map(|pl| format!("{pl:?}")).collect();
+        assert_eq!(
+            by(&p.mkdirs, places),
+            [
+                "k Tree",
+                "r/new Root",
+                "r/new/ro Inside",
+                "r/new/sub Inside",
+                "r/new/sub2 Inside"
+            ]
+        );
+        assert_eq!(
+            by(&p.files, s(&p.fresh.files)),
+            ["k/f false", "r/new/f true", "r/new/sub/g true", "top false"]
+        );
+        let mut links = by(&p.symlinks, s(&p.fresh.symlinks));
+        links.sort();
+        assert_eq!(
+            links,
+            [
+                "r/new/in true",
+                "r/new/out false",
+                "r/new/sub/l2 true",
+                "r/new/sub2/chain false"
+            ]
+        );
+        let mut meta = by(&p.dir_meta, s(&p.fresh.dir_meta));
+        meta.sort();
+        assert_eq!(
+            meta,
+            [
+                "k false",
+                "r false",
+                "r/new false",
+                "r/new/ro false",
+                "r/new/sub true",
+                "r/new/sub2 false"
+            ]
+        );
+        assert_eq!(p.fresh.roots().collect::<Vec<_>>(), [1]);
     }
 
     #[test]

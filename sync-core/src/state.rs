@@ -353,6 +353,28 @@ fn field<const N: usize>(body: &[u8], at: usize) -> [u8; N] {
         .expect("length checked by unseal")
 }
 
+/// Take the exclusive lock on `lock`, waiting at most `LOCK_WAIT` for it.
+///
+/// A holder that goes away within that time is not a conflict: when another
+/// thread of this process forks a child, the child holds a copy of every
+/// descriptor until its `exec` closes it, and with it the lock of a state
+/// directory this process has just closed.
+fn lock_briefly(lock: &File) -> Result<(), rustix::io::Errno> {
+    use rustix::fs::{flock, FlockOperation::NonBlockingLockExclusive};
+    let start = std::time::Instant::now();
+    loop {
+        match flock(lock, NonBlockingLockExclusive) {
+            Err(rustix::io::Errno::WOULDBLOCK) if start.elapsed() < LOCK_WAIT => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            r => return r,
+        }
+    }
+}
+
+/// How long opening a state directory waits for a lock held elsewhere.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// An open, locked state directory.
 #[derive(Debug)]
 pub struct StateDir {
@@ -362,7 +384,7 @@ pub struct StateDir {
 
 impl StateDir {
     /// Create (if needed) and lock the state directory `path` of the tree
-    /// `dest` (canonical). Fails at once if another process holds the lock.
+    /// `dest` (canonical). Fails (after at most half a second) if another process holds the lock.
     pub fn open(path: &Path, dest: &Path) -> Result<StateDir, StateError> {
         std::fs::create_dir_all(path).map_err(ioe("create", path))?;
         let lp = path.join("lock");
@@ -373,11 +395,10 @@ impl StateDir {
             .truncate(false)
             .open(&lp)
             .map_err(ioe("open", &lp))?;
-        match rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-            Ok(()) => {}
-            Err(rustix::io::Errno::WOULDBLOCK) => return Err(StateError::Locked(path.into())),
-            Err(e) => return Err(ioe("lock", &lp)(e.into())),
-        }
+        lock_briefly(&lock).map_err(|e| match e {
+            rustix::io::Errno::WOULDBLOCK => StateError::Locked(path.into()),
+            e => ioe("lock", &lp)(e.into()),
+        })?;
         let me = StateDir {
             path: path.to_path_buf(),
             _lock: lock,
@@ -559,6 +580,24 @@ mod tests {
             Path::new("/srv/.mirror.sync-state")
         );
         assert!(default_state_dir(Path::new("/")).is_err());
+    }
+
+    /// A copy of the lock's descriptor that outlives the state directory
+    /// for a moment (a child forked by another thread, before its exec)
+    /// does not make the next open fail.
+    #[test]
+    fn a_lock_released_within_the_wait_is_taken() {
+        let d = tempfile::tempdir().unwrap();
+        let s = d.path().join("st");
+        let a = StateDir::open(&s, Path::new("/x/a")).unwrap();
+        let copy = a._lock.try_clone().unwrap();
+        drop(a);
+        let closer = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(150));
+            drop(copy);
+        });
+        StateDir::open(&s, Path::new("/x/a")).unwrap();
+        closer.join().unwrap();
     }
 
     #[test]

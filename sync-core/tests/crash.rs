@@ -182,6 +182,30 @@ fn check_symlinks(now: &Fs, old: &Fs, new: &Fs, point: u64) {
     }
 }
 
+/// A new repository appears whole: once `at` exists in `now`, every
+/// directory and file of `new` below it is there with its content (hard
+/// links and symlinks pointing out of it come later, in their phases).
+fn check_whole(now: &Fs, new: &Fs, at: &[u8], point: u64) {
+    let Some(here) = subtree(now, at) else {
+        return;
+    };
+    let here: std::collections::BTreeMap<_, _> = here.into_iter().collect();
+    for (path, node) in subtree(new, at).expect("in the new snapshot") {
+        // pkg00.rpm and pkg00-hard.rpm are one file: the later name is a
+        // hard link to the first.
+        if matches!(node, Node::Symlink { .. }) || path.starts_with(b"r3/pkg00") {
+            continue;
+        }
+        assert_eq!(
+            here.get(&path),
+            Some(&node),
+            "point {point}: {}/{} missing or incomplete in a new repository",
+            String::from_utf8_lossy(at),
+            String::from_utf8_lossy(&path)
+        );
+    }
+}
+
 fn reset_to(dest: &Path, src: &Path) {
     let mut recv = Receiver::open(dest, None).unwrap();
     push_local(&scan_tree(src), src, &mut recv, &CommitOptions::default()).unwrap();
@@ -227,6 +251,7 @@ fn kill_at(v1: &Path, v2: &Path, dest: &Path, points: &[u64]) -> (u32, u32) {
         );
         let now = read_fs(dest);
         check_symlinks(&now, &fs1, &fs2, n);
+        check_whole(&now, &fs2, b"repos/cc", n);
         if !state.join("journal").exists() {
             let committed = sync_core::state::peek_committed_root(&state).unwrap();
             if committed == scan_tree(v1).root() {
@@ -270,8 +295,13 @@ fn sigkill_at_every_crash_point_rolls_forward_or_leaves_the_old_tree() {
 fn sigkill_during_a_parallel_symlink_wave() {
     let t = tempfile::tempdir().unwrap();
     let (v1, v2, dest) = two_versions(t.path());
+    // Half point inside the new repository (made with it, before the
+    // journal), half out of it (made in the tree, after it is in place).
     for i in 0..3000 {
-        let to = format!("../../pkg{:02}.rpm", i % 12);
+        let to = match i % 2 {
+            0 => format!("../../pkg{:02}.rpm", i % 12),
+            _ => "../../../../aa/r1/a.rpm".to_string(),
+        };
         ln_s(&to, &v2, &format!("repos/cc/r3/farm/{:02}/l{i:04}", i % 7));
     }
     ln_s("repos/cc/r3/farm/03", &v2, "farm-current");
