@@ -919,6 +919,7 @@ fn prepare(
     if let Some(inner) = &inner {
         build_skeleton(inner, plan)?;
     }
+    let skeleton = started.elapsed();
     let every = step(plan.files.len());
     in_parallel_by(&plan.files, 0, (64, 64), |i, _, last| {
         if !prebuilt.contains(&i) {
@@ -929,6 +930,7 @@ fn prepare(
         }
         Ok(())
     })?;
+    let files = started.elapsed();
     if let Some(inner) = &inner {
         // Inside a subtree no reader sees yet, in any order.
         in_parallel(&plan.symlinks, 0, |i, op, last| {
@@ -949,6 +951,8 @@ fn prepare(
         fresh_roots = plan.fresh.roots().count(),
         fresh_files = count(&plan.fresh.files),
         fresh_symlinks = count(&plan.fresh.symlinks),
+        skeleton_ms = skeleton.as_millis() as u64,
+        files_ms = (files - skeleton).as_millis() as u64,
         ms = started.elapsed().as_millis() as u64,
         "temporary files built"
     );

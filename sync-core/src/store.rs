@@ -303,6 +303,11 @@ impl Staging {
 
     /// Drop every staged chunk (after a successful commit).
     pub fn clear(&mut self) -> Result<(), StoreError> {
+        if self.index_len == 0 && self.written == 0 && self.slots.is_empty() {
+            // Nothing staged: no flush (it would wait for every dirty page
+            // of the filesystem, as a commit's data is being written).
+            return Ok(());
+        }
         self.index.set_len(0).map_err(self.index_err("truncate"))?;
         self.index.sync_data().map_err(self.index_err("fsync"))?;
         self.pack.set_len(0).map_err(self.pack_err("truncate"))?;
