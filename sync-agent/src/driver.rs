@@ -350,7 +350,10 @@ async fn write_frames(
         if let Some(l) = &limit {
             l.acquire(buf.len()).await;
         }
-        send.write_all(&buf).await.map_err(|e| e.to_string())?;
+        // Handed over whole: quinn keeps the buffer instead of copying it.
+        send.write_chunk(bytes::Bytes::from(buf))
+            .await
+            .map_err(|e| e.to_string())?;
     }
     let _ = send.finish();
     let _ = tokio::time::timeout(FLUSH_TIMEOUT, send.stopped()).await;

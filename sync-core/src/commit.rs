@@ -29,6 +29,7 @@
 //! leaves the tree untouched. All writes go through [`crate::safefs`]:
 //! beneath the root, never through a symlink. Blocking IO.
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::fs::File;
 use std::io;
@@ -242,8 +243,8 @@ impl ChunkSource for OneChunk<'_> {
     fn have(&self, id: &ChunkId) -> bool {
         *id == self.0
     }
-    fn read(&self, id: &ChunkId) -> Option<Vec<u8>> {
-        (*id == self.0).then(|| self.1.to_vec())
+    fn read(&self, id: &ChunkId) -> Option<Cow<'_, [u8]>> {
+        (*id == self.0).then_some(Cow::Borrowed(self.1))
     }
 }
 

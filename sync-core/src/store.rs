@@ -5,6 +5,7 @@
 //! manifest). A chunk in either is never asked for again. Every read is
 //! checked against the chunk id; a mismatch reads as "missing". Blocking IO.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
@@ -40,8 +41,9 @@ pub trait ChunkSource: Sync {
     /// Whether `id` is (probably) here; [`ChunkSource::read`] has the
     /// final word because the bytes are checked when read.
     fn have(&self, id: &ChunkId) -> bool;
-    /// The verified bytes of `id`, or `None` if absent or damaged.
-    fn read(&self, id: &ChunkId) -> Option<Vec<u8>>;
+    /// The verified bytes of `id`, or `None` if absent or damaged
+    /// (borrowed where the source holds them in memory).
+    fn read(&self, id: &ChunkId) -> Option<Cow<'_, [u8]>>;
 }
 
 const INDEX_RECORD: usize = 48;
@@ -324,8 +326,8 @@ impl ChunkSource for Staging {
     fn have(&self, id: &ChunkId) -> bool {
         self.contains(id)
     }
-    fn read(&self, id: &ChunkId) -> Option<Vec<u8>> {
-        self.get(id)
+    fn read(&self, id: &ChunkId) -> Option<Cow<'_, [u8]>> {
+        self.get(id).map(Cow::Owned)
     }
 }
 
@@ -384,13 +386,13 @@ impl ChunkSource for TreeChunks {
     fn have(&self, id: &ChunkId) -> bool {
         self.contains(id)
     }
-    fn read(&self, id: &ChunkId) -> Option<Vec<u8>> {
+    fn read(&self, id: &ChunkId) -> Option<Cow<'_, [u8]>> {
         let (path, off, len) = self.locate(id)?;
         let file = self.root.open_file(path).ok()?;
         let mut data = vec![0u8; len as usize];
         file.read_exact_at(&mut data, off).ok()?;
         if ChunkId::of(&data) == *id {
-            Some(data)
+            Some(Cow::Owned(data))
         } else {
             tracing::debug!(chunk = %id.short(), path = %crate::manifest::lossy(path),
                 "tree file changed behind our back; chunk treated as missing");
@@ -406,7 +408,7 @@ impl ChunkSource for Sources<'_> {
     fn have(&self, id: &ChunkId) -> bool {
         self.0.iter().any(|s| s.have(id))
     }
-    fn read(&self, id: &ChunkId) -> Option<Vec<u8>> {
+    fn read(&self, id: &ChunkId) -> Option<Cow<'_, [u8]>> {
         self.0
             .iter()
             .find_map(|s| if s.have(id) { s.read(id) } else { None })
