@@ -331,11 +331,15 @@ impl Agent {
             let (stop, rx) = watch::channel(false);
             let live = self.control.subscribe();
             let p = path.clone();
-            let task = tokio::spawn(async move {
-                if let Err(e) = control::serve_live(&p, live, rx).await {
+            let task = match control::bind(&p) {
+                Ok(listener) => tokio::spawn(async move {
+                    control::serve_live(listener, &p, live, rx).await;
+                }),
+                Err(e) => {
                     tracing::error!(path = %p.display(), "control socket: {e}");
+                    tokio::spawn(async {})
                 }
-            });
+            };
             self.control_socket = Some(Aux {
                 key: path,
                 stop,

@@ -197,32 +197,41 @@ fn with_lag(s: &TreeStatus) -> TreeStatus {
     s
 }
 
-/// Serve the control socket at `path` until shutdown.
-pub async fn serve(
-    path: &Path,
-    control: Arc<Control>,
-    shutdown: watch::Receiver<bool>,
-) -> std::io::Result<()> {
-    serve_live(path, watch::channel(control).1, shutdown).await
-}
-
-/// [`serve`] for an agent whose trees change while it runs: each request
-/// sees the latest `Control` sent on the channel.
-pub async fn serve_live(
-    path: &Path,
-    control: watch::Receiver<Arc<Control>>,
-    mut shutdown: watch::Receiver<bool>,
-) -> std::io::Result<()> {
+/// Bind the control socket at `path` (in place of one left by an agent
+/// that died): it takes connections from the moment this returns, so an
+/// agent binds it before it says it is running. Within a tokio runtime.
+pub fn bind(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    // A socket left by a previous agent that died.
     if std::os::unix::net::UnixStream::connect(path).is_err() {
         let _ = std::fs::remove_file(path);
     }
     let listener = tokio::net::UnixListener::bind(path)?;
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    Ok(listener)
+}
+
+/// Serve the control socket bound at `path` until shutdown.
+pub async fn serve(
+    listener: tokio::net::UnixListener,
+    path: &Path,
+    control: Arc<Control>,
+    shutdown: watch::Receiver<bool>,
+) {
+    serve_live(listener, path, watch::channel(control).1, shutdown).await
+}
+
+/// [`serve`] for an agent whose trees change while it runs: each request
+/// sees the latest `Control` sent on the channel. Removes the socket file
+/// when it ends.
+pub async fn serve_live(
+    listener: tokio::net::UnixListener,
+    path: &Path,
+    control: watch::Receiver<Arc<Control>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
         tokio::select! {
             r = listener.accept() => {
@@ -238,7 +247,6 @@ pub async fn serve_live(
         }
     }
     let _ = std::fs::remove_file(path);
-    Ok(())
 }
 
 async fn handle(stream: tokio::net::UnixStream, control: &Control) -> std::io::Result<()> {

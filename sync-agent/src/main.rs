@@ -410,11 +410,12 @@ fn watch(o: WatchOptions) -> anyhow::Result<()> {
         let c = ctl.clone();
         let crx = rx.clone();
         let cpath = control_path.clone();
-        tokio::spawn(async move {
-            if let Err(e) = control::serve(&cpath, c, crx).await {
-                tracing::error!(path = %cpath.display(), "control socket: {e}");
+        match control::bind(&cpath) {
+            Ok(listener) => {
+                tokio::spawn(async move { control::serve(listener, &cpath, c, crx).await });
             }
-        });
+            Err(e) => tracing::error!(path = %cpath.display(), "control socket: {e}"),
+        }
         if let Some(addr) = o.metrics {
             let c = ctl.clone();
             let mrx = rx.clone();

@@ -16,7 +16,8 @@
 //!             the next generation when mostly garbage
 //! journal     intent of a commit in progress (see Journal), atomic
 //! staging/    pack + index of received chunks (store::Staging)
-//! tmp/        files and symlinks under construction
+//! tmp/        files and symlinks under construction; tmp/t/ holds the
+//!             new subtrees built whole, each at its path in the tree
 //! trash/      removed subtrees awaiting deletion
 //! ```
 //!

@@ -408,6 +408,14 @@ fn one_config_file_runs_both_roles_and_sighup_reloads_it() {
     let mut builder = Agent::start(&builder_toml, &work.join("builder.log"));
     builder.ready();
     let (bctl, mctl) = (work.join("builder.sock"), work.join("mirror.sock"));
+    // An agent that says it is running takes control requests already.
+    for ctl in [&bctl, &mctl] {
+        assert!(
+            std::os::unix::net::UnixStream::connect(ctl).is_ok(),
+            "{} not accepting when the agent said it was running",
+            ctl.display()
+        );
+    }
     push_ok(&bctl, "rdo");
     diff_clean(&src, &work.join("mirror/rdo"));
     for _ in 0..4 {

@@ -47,6 +47,8 @@ pub struct BenchOptions {
     pub rounds: usize,
     /// Rounds of the cheap cases (an unchanged tree).
     pub quick_rounds: usize,
+    /// Rounds of the QUIC suite's 5-new-builds case.
+    pub build_rounds: usize,
     /// Work directory: trees, destinations, caches.
     pub dir: PathBuf,
     /// Where the JSON results go.

@@ -177,6 +177,10 @@ fn machine_context(o: &BenchOptions, stats: &TreeStats) -> Vec<(String, String)>
         ("rounds".into(), o.rounds.to_string()),
         ("rounds (unchanged tree)".into(), o.quick_rounds.to_string()),
         (
+            "rounds (QUIC 5 new builds)".into(),
+            o.build_rounds.to_string(),
+        ),
+        (
             "machine".into(),
             format!(
                 "{} CPUs, kernel {}, {} on {}",
@@ -936,8 +940,12 @@ fn quic_suite(ctx: &Ctx) -> Result<Table> {
     ctx.warm_cache(&src)?;
     let (mut inc_o, mut inc_r) = (Samples::default(), Samples::default());
     let (mut inc_ob, mut inc_rb) = (Vec::new(), Vec::new());
-    for r in 0..ctx.o.rounds {
-        eprintln!("bench: quic 5 new builds round {}/{}", r + 1, ctx.o.rounds);
+    for r in 0..ctx.o.build_rounds {
+        eprintln!(
+            "bench: quic 5 new builds round {}/{}",
+            r + 1,
+            ctx.o.build_rounds
+        );
         let mut steps = [0u8, 1];
         if r % 2 == 1 {
             steps.reverse();

@@ -30,6 +30,10 @@ struct Cli {
     /// --rounds and 9, since sub-second runs swing most on a shared machine.
     #[arg(long)]
     quick_rounds: Option<usize>,
+    /// Rounds of the QUIC suite's 5-new-builds case (default --rounds):
+    /// a run of a few seconds at most, but each round copies both mirrors.
+    #[arg(long)]
+    build_rounds: Option<usize>,
     /// Work directory for trees and mirrors (default /work/bench-runs, else $TMPDIR/bench-runs).
     #[arg(long)]
     dir: Option<PathBuf>,
@@ -57,6 +61,7 @@ fn main() -> Result<()> {
         scale: cli.scale,
         rounds: cli.rounds.max(1),
         quick_rounds: cli.quick_rounds.unwrap_or(cli.rounds.max(9)).max(1),
+        build_rounds: cli.build_rounds.unwrap_or(cli.rounds).max(1),
         dir,
         out,
         keep: cli.keep,
