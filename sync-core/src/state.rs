@@ -385,7 +385,8 @@ pub struct StateDir {
 
 impl StateDir {
     /// Create (if needed) and lock the state directory `path` of the tree
-    /// `dest` (canonical). Fails (after at most half a second) if another process holds the lock.
+    /// `dest` (canonical). Fails, after at most `LOCK_WAIT`, if another
+    /// process holds the lock.
     pub fn open(path: &Path, dest: &Path) -> Result<StateDir, StateError> {
         std::fs::create_dir_all(path).map_err(ioe("create", path))?;
         let lp = path.join("lock");
