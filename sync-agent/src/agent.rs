@@ -355,11 +355,15 @@ impl Agent {
             if let Some(addr) = want {
                 let (stop, rx) = watch::channel(false);
                 let live = self.control.subscribe();
-                let task = tokio::spawn(async move {
-                    if let Err(e) = control::serve_metrics_live(addr, live, rx).await {
+                let task = match control::bind_metrics(addr) {
+                    Ok(listener) => tokio::spawn(async move {
+                        control::serve_metrics_live(listener, live, rx).await;
+                    }),
+                    Err(e) => {
                         tracing::error!(%addr, "metrics endpoint: {e}");
+                        tokio::spawn(async {})
                     }
-                });
+                };
                 self.metrics = Some(Aux {
                     key: addr,
                     stop,

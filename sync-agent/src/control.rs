@@ -389,22 +389,29 @@ pub fn prometheus(control: &Control) -> String {
     o
 }
 
-/// Serve `GET /metrics` on `addr` until shutdown (opt-in).
+/// Bind the metrics endpoint at `addr`, before the agent says it runs
+/// (as [`bind`] the control socket). Within a tokio runtime.
+pub fn bind_metrics(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let listener = std::net::TcpListener::bind(addr)?;
+    listener.set_nonblocking(true)?;
+    tokio::net::TcpListener::from_std(listener)
+}
+
+/// Serve `GET /metrics` on `listener` until shutdown (opt-in).
 pub async fn serve_metrics(
-    addr: std::net::SocketAddr,
+    listener: tokio::net::TcpListener,
     control: Arc<Control>,
     shutdown: watch::Receiver<bool>,
-) -> std::io::Result<()> {
-    serve_metrics_live(addr, watch::channel(control).1, shutdown).await
+) {
+    serve_metrics_live(listener, watch::channel(control).1, shutdown).await
 }
 
 /// [`serve_metrics`] of the latest `Control` sent on the channel.
 pub async fn serve_metrics_live(
-    addr: std::net::SocketAddr,
+    listener: tokio::net::TcpListener,
     control: watch::Receiver<Arc<Control>>,
     mut shutdown: watch::Receiver<bool>,
-) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
+) {
     loop {
         tokio::select! {
             r = listener.accept() => {
@@ -422,7 +429,7 @@ pub async fn serve_metrics_live(
                     let _ = s.shutdown().await;
                 });
             }
-            _ = shutdown.changed() => return Ok(()),
+            _ = shutdown.changed() => return,
         }
     }
 }

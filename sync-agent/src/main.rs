@@ -419,11 +419,12 @@ fn watch(o: WatchOptions) -> anyhow::Result<()> {
         if let Some(addr) = o.metrics {
             let c = ctl.clone();
             let mrx = rx.clone();
-            tokio::spawn(async move {
-                if let Err(e) = control::serve_metrics(addr, c, mrx).await {
-                    tracing::error!(%addr, "metrics endpoint: {e}");
+            match control::bind_metrics(addr) {
+                Ok(listener) => {
+                    tokio::spawn(async move { control::serve_metrics(listener, c, mrx).await });
                 }
-            });
+                Err(e) => tracing::error!(%addr, "metrics endpoint: {e}"),
+            }
         }
         println!(
             "watching {} control {}",

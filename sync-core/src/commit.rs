@@ -176,9 +176,9 @@ struct Prebuild {
 /// are exactly one chunk are built here; the commit builds the rest, and
 /// closes the builder first (waiting for a batch in progress).
 pub struct Prebuilder {
-    tmp: OwnedFd,
-    /// `tmp/t`, holding the skeleton of the plan's fresh subtrees.
-    fresh: Option<Root>,
+    /// Where the temporaries go; its `tmp/t` holds the skeleton of the
+    /// plan's fresh subtrees.
+    scratch: Scratch,
     owners: bool,
     plan: Arc<SyncPlan>,
     state: Mutex<PrebuildState>,
@@ -209,10 +209,9 @@ impl Prebuilder {
             let mut last = None;
             for i in files {
                 let one = OneChunk(*id, data);
-                let fresh = self.fresh.as_ref();
                 match build_temp(
-                    self.tmp.as_fd(),
-                    fresh,
+                    self.scratch.tmp.as_fd(),
+                    self.scratch.fresh.as_ref(),
                     &self.plan,
                     i,
                     &one,
@@ -480,21 +479,12 @@ impl Receiver {
             }
         }
         let owners = opts.owners && rustix::process::geteuid().is_root();
-        let (tmp, trash) = (self.open_state_dir("tmp")?, self.open_state_dir("trash")?);
-        let fresh = self.fresh_dir(&plan)?;
-        let a = Applier {
-            root: &self.root,
-            tmp: tmp.as_fd(),
-            trash: trash.as_fd(),
-            owners,
-            fresh: fresh.as_ref(),
-        };
-        if let Some(inner) = a.in_fresh() {
+        let scratch = self.scratch(&plan)?;
+        if let Some(inner) = scratch.applier(&self.root, owners).in_fresh() {
             build_skeleton(&inner, &plan)?;
         }
         let builder = Arc::new(Prebuilder {
-            tmp,
-            fresh,
+            scratch,
             owners,
             state: Mutex::new(state),
             plan: Arc::new(plan),
@@ -602,34 +592,27 @@ impl Receiver {
         let _g = span.enter();
 
         self.staging.persist()?;
-        // Temporaries built while the chunks arrived are kept (scratch
-        // holds nothing else since `expect` cleared it); others start clean.
+        // What the builder made while the chunks arrived (the skeleton and
+        // some temporaries) is kept: scratch holds nothing else since
+        // `expect` cleared it. Any other commit starts clean.
         let prebuilt = match self.prebuild.take() {
-            Some(p) if p.digest == digest && p.builder.owners == owners => p.builder.close(),
+            Some(p) if p.digest == digest && p.builder.owners == owners => Some(p.builder.close()),
             other => {
                 if let Some(p) = other {
                     p.builder.close();
                 }
                 self.clean_scratch()?;
-                HashSet::new()
+                None
             }
         };
-        let tmp = self.open_state_dir("tmp")?;
-        let trash = self.open_state_dir("trash")?;
-        let fresh = self.fresh_dir(plan)?;
+        let scratch = self.scratch(plan)?;
         let started = std::time::Instant::now();
         let prepared = {
             let mut sources: Vec<&dyn ChunkSource> = vec![&self.staging, self.tree_chunks()];
             sources.extend(extra);
             let src = Sources(sources);
-            let a = Applier {
-                root: &self.root,
-                tmp: tmp.as_fd(),
-                trash: trash.as_fd(),
-                owners,
-                fresh: fresh.as_ref(),
-            };
-            prepare(&a, plan, &src, &prebuilt)
+            let a = scratch.applier(&self.root, owners);
+            prepare(&a, plan, &src, prebuilt.as_ref())
         };
         let (files_written, bytes_written) = match prepared {
             Ok(v) => v,
@@ -652,7 +635,7 @@ impl Receiver {
         self.staging.clear()?;
         let built = started.elapsed();
         hit("before-syncfs");
-        rustix::fs::syncfs(&tmp).map_err(io_err("syncfs", b"tmp"))?;
+        rustix::fs::syncfs(&scratch.tmp).map_err(io_err("syncfs", b"tmp"))?;
         hit("after-syncfs");
         tracing::debug!(
             build_ms = built.as_millis() as u64,
@@ -705,20 +688,22 @@ impl Receiver {
         })
     }
 
-    /// `tmp/t`, where `plan`'s fresh subtrees are built (made if missing);
-    /// `None` if it has none.
-    fn fresh_dir(&self, plan: &SyncPlan) -> Result<Option<Root>, CommitError> {
-        if plan.fresh.roots().next().is_none() {
-            return Ok(None);
-        }
+    /// The scratch directories for `plan`, with `tmp/t` (made if missing)
+    /// when it has fresh subtrees.
+    fn scratch(&self, plan: &SyncPlan) -> Result<Scratch, CommitError> {
         let tmp = self.open_state_dir("tmp")?;
-        match mkdirat(&tmp, FRESH, Mode::from_raw_mode(0o700)) {
-            Ok(()) | Err(Errno::EXIST) => {}
-            Err(e) => return Err(io_err("create", FRESH.as_bytes())(e)),
-        }
-        Ok(Some(Root::open(
-            &self.state.path().join("tmp").join(FRESH),
-        )?))
+        let trash = self.open_state_dir("trash")?;
+        let fresh = match plan.fresh.roots().next() {
+            None => None,
+            Some(_) => {
+                match mkdirat(&tmp, FRESH, Mode::from_raw_mode(0o700)) {
+                    Ok(()) | Err(Errno::EXIST) => {}
+                    Err(e) => return Err(io_err("create", FRESH.as_bytes())(e)),
+                }
+                Some(Root::open(&self.state.path().join("tmp").join(FRESH))?)
+            }
+        };
+        Ok(Scratch { tmp, trash, fresh })
     }
 
     /// Empty `tmp/` and `trash/`.
@@ -789,25 +774,16 @@ impl Receiver {
         head: Head,
         owners: bool,
     ) -> Result<CommitSummary, CommitError> {
-        let tmp = self.open_state_dir("tmp")?;
-        let trash = self.open_state_dir("trash")?;
-        let fresh = self.fresh_dir(plan)?;
+        let scratch = self.scratch(plan)?;
         let started = std::time::Instant::now();
-        let mut summary = Applier {
-            root: &self.root,
-            tmp: tmp.as_fd(),
-            trash: trash.as_fd(),
-            owners,
-            fresh: fresh.as_ref(),
-        }
-        .apply(plan)?;
+        let mut summary = scratch.applier(&self.root, owners).apply(plan)?;
         summary.root = Some(plan.to);
 
         let applied = started.elapsed();
         hit("before-final-syncfs");
         rustix::fs::syncfs(self.root.fd()).map_err(io_err("syncfs", b"."))?;
-        if !same_fs(self.root.fd(), tmp.as_fd()) {
-            rustix::fs::syncfs(&tmp).map_err(io_err("syncfs", b"tmp"))?;
+        if !same_fs(self.root.fd(), scratch.tmp.as_fd()) {
+            rustix::fs::syncfs(&scratch.tmp).map_err(io_err("syncfs", b"tmp"))?;
         }
         tracing::debug!(
             apply_ms = applied.as_millis() as u64,
@@ -886,6 +862,26 @@ fn ids(e: &Entry) -> (Option<Uid>, Option<Gid>) {
 /// by a letter and a number, so never this).
 const FRESH: &str = "t";
 
+/// The state directory's scratch space for one plan: `tmp/`, `trash/` and,
+/// when the plan has fresh subtrees, `tmp/t/`.
+struct Scratch {
+    tmp: OwnedFd,
+    trash: OwnedFd,
+    fresh: Option<Root>,
+}
+
+impl Scratch {
+    fn applier<'a>(&'a self, root: &'a Root, owners: bool) -> Applier<'a> {
+        Applier {
+            root,
+            tmp: self.tmp.as_fd(),
+            trash: self.trash.as_fd(),
+            owners,
+            fresh: self.fresh.as_ref(),
+        }
+    }
+}
+
 fn tmp_name(prefix: char, i: usize) -> String {
     format!("{prefix}{i}")
 }
@@ -896,12 +892,14 @@ fn step(n: usize) -> usize {
 }
 
 /// Build every new file of `plan` in `tmp` and its fresh subtrees whole
-/// in `tmp/t`; nothing in the tree changes. Returns (files, bytes) written.
+/// in `tmp/t`; nothing in the tree changes. `prebuilt`: the files (by
+/// index) that an expected plan's builder made, beside the skeleton of the
+/// fresh subtrees. Returns (files, bytes) written.
 fn prepare(
     a: &Applier<'_>,
     plan: &SyncPlan,
     src: &dyn ChunkSource,
-    prebuilt: &HashSet<usize>,
+    prebuilt: Option<&HashSet<usize>>,
 ) -> Result<(u64, u64), CommitError> {
     let root = a.root;
     preflight(root, plan)?;
@@ -917,13 +915,13 @@ fn prepare(
     }
     let started = std::time::Instant::now();
     let inner = a.in_fresh();
-    if let Some(inner) = &inner {
+    if let (Some(inner), None) = (&inner, prebuilt) {
         build_skeleton(inner, plan)?;
     }
     let skeleton = started.elapsed();
     let every = step(plan.files.len());
     in_parallel_by(&plan.files, 0, (64, 64), |i, _, last| {
-        if !prebuilt.contains(&i) {
+        if !prebuilt.is_some_and(|b| b.contains(&i)) {
             build_temp(a.tmp, a.fresh, plan, i, src, a.owners, last)?;
         }
         if i % every == 0 {
@@ -948,7 +946,7 @@ fn prepare(
     let count = |v: &[bool]| v.iter().filter(|&&b| b).count();
     tracing::debug!(
         files = plan.files.len(),
-        before = prebuilt.len(),
+        before = prebuilt.map_or(0, HashSet::len),
         fresh_roots = plan.fresh.roots().count(),
         fresh_files = count(&plan.fresh.files),
         fresh_symlinks = count(&plan.fresh.symlinks),
@@ -1235,7 +1233,16 @@ struct Applier<'a> {
     fresh: Option<&'a Root>,
 }
 
-impl Applier<'_> {
+impl<'a> Applier<'a> {
+    /// The same steps inside `tmp/t`, where the fresh subtrees are built.
+    fn in_fresh(&self) -> Option<Applier<'a>> {
+        Some(Applier {
+            root: self.fresh?,
+            fresh: None,
+            ..*self
+        })
+    }
+
     fn apply(&self, plan: &SyncPlan) -> Result<CommitSummary, CommitError> {
         let mut s = CommitSummary::default();
         let every = step(plan.mkdirs.len());
@@ -1374,15 +1381,6 @@ impl Applier<'_> {
                 .map_err(io_err("move aside", &op.path))?;
         }
         renameat(&from, name, &dir, name).map_err(io_err("move into place", &op.path))
-    }
-
-    /// The same steps inside `tmp/t`, where the fresh subtrees are built.
-    fn in_fresh(&self) -> Option<Applier<'_>> {
-        Some(Applier {
-            root: self.fresh?,
-            fresh: None,
-            ..*self
-        })
     }
 
     /// Move `tmp/<tmp>` to `path`. Gone from tmp = already done. If a
