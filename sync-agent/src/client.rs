@@ -99,7 +99,7 @@ pub async fn connect(
     id: &Identity,
     peer: Fingerprint,
 ) -> Result<(Endpoint, Connection), ClientError> {
-    let cfg = tls::client_config(id, peer)?;
+    let cfg = tls::client_config(id, peer, tls::route_payload(addr))?;
     let bind: SocketAddr = if addr.is_ipv4() {
         "0.0.0.0:0".parse().expect("literal")
     } else {

@@ -226,6 +226,15 @@ enum Job {
     Planned,
 }
 
+/// Runs its closure when dropped.
+struct Defer<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for Defer<F> {
+    fn drop(&mut self) {
+        (self.0)()
+    }
+}
+
 /// Aborts a task when dropped.
 struct Task(tokio::task::JoinHandle<()>);
 
@@ -696,6 +705,10 @@ pub async fn drive_sink(
     let mut peer_err: Option<DriveError> = None;
     let mut input_open = true;
     let mut root_known = false;
+    // Where the transfer's time went (debug log): busy time of the staging
+    // and prebuild jobs, and the span from the first chunk to the last.
+    let busy = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
+    let mut span: Option<(Instant, Instant)> = None;
     loop {
         while let Some((_, f)) = session.poll_transmit() {
             if outcome.is_none() {
@@ -721,7 +734,11 @@ pub async fn drive_sink(
                             .collect()))
                     });
                 }
-                SinkEvent::StoreChunks(chunks) => to_store.extend(chunks),
+                SinkEvent::StoreChunks(chunks) => {
+                    let now = Instant::now();
+                    span = Some((span.map_or(now, |s| s.0), now));
+                    to_store.extend(chunks)
+                }
                 SinkEvent::Commit { manifest, .. } => {
                     let recv = io.recv.clone();
                     let copts = io.commit.clone();
@@ -752,6 +769,13 @@ pub async fn drive_sink(
                     });
                 }
                 SinkEvent::Finished(s) => {
+                    let ms = |i: usize| busy[i].load(Ordering::Relaxed) / 1_000_000;
+                    tracing::debug!(
+                        transfer_ms = span.map_or(0, |(a, b)| (b - a).as_millis() as u64),
+                        staging_ms = ms(0),
+                        prebuild_ms = ms(1),
+                        "transfer"
+                    );
                     tracing::info!(
                         chunks = s.chunks_received,
                         bytes = s.bytes_received,
@@ -791,13 +815,21 @@ pub async fn drive_sink(
             if let Some(b) = builder.filter(|_| prebuilding < PREBUILDS) {
                 prebuilding += 1;
                 let chunks = batch.clone();
+                let busy = busy.clone();
                 blocking(&mut jobs, move || {
+                    let t = Instant::now();
                     b.build(&chunks);
+                    busy[1].fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
                     Job::Prebuilt
                 });
             }
             let recv = io.recv.clone();
+            let busy = busy.clone();
             blocking(&mut jobs, move || {
+                let t = Instant::now();
+                let _busy = Defer(move || {
+                    busy[0].fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                });
                 let mut r = recv.lock().expect("receiver lock");
                 let mut ids = Vec::with_capacity(batch.len());
                 for (id, data) in batch.iter() {
@@ -836,8 +868,16 @@ pub async fn drive_sink(
                     if let Some(m) = session.incoming().filter(|_| fetching).cloned() {
                         let (recv, copts, slot) = (io.recv.clone(), io.commit.clone(), prebuilder.clone());
                         blocking(&mut jobs, move || {
-                            match recv.lock().expect("receiver lock").expect(&m, &copts) {
-                                Ok(b) => *slot.lock().expect("slot") = b,
+                            let planned = recv.lock().expect("receiver lock").expect(&m, &copts);
+                            match planned {
+                                Ok(b) => {
+                                    *slot.lock().expect("slot") = b.clone();
+                                    // The new subtrees' inner symlinks need
+                                    // no chunk: made while the chunks come.
+                                    if let Some(b) = b {
+                                        b.link();
+                                    }
+                                }
                                 Err(e) => tracing::warn!("planning ahead failed: {e}"),
                             }
                             Job::Planned

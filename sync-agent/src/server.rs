@@ -127,7 +127,11 @@ pub struct Server {
     endpoint: Endpoint,
     trees: Trees,
     identity: SharedIdentity,
+    tls: SharedTls,
 }
+
+/// The server config new connections are accepted with (replaced on reload).
+type SharedTls = Arc<RwLock<quinn::ServerConfig>>;
 
 /// Changes the trees of a running [`Server`].
 #[derive(Clone)]
@@ -135,6 +139,7 @@ pub struct ServerHandle {
     endpoint: Endpoint,
     trees: Trees,
     identity: SharedIdentity,
+    tls: SharedTls,
 }
 
 /// A served tree as status shows it.
@@ -163,6 +168,7 @@ impl Server {
             trees.insert(t.name.clone(), Arc::new(open_tree(t)?));
         }
         let server_cfg = tls::server_config(&identity, cfg.allowed())?;
+        let tls = Arc::new(RwLock::new(server_cfg.clone()));
         let endpoint = crate::tls::endpoint(cfg.listen, Some(server_cfg)).map_err(|source| {
             ServerError::Bind {
                 addr: cfg.listen,
@@ -173,6 +179,7 @@ impl Server {
             endpoint,
             trees: Arc::new(RwLock::new(trees)),
             identity: Arc::new(RwLock::new(identity)),
+            tls,
         })
     }
 
@@ -189,6 +196,7 @@ impl Server {
             endpoint: self.endpoint.clone(),
             trees: self.trees.clone(),
             identity: self.identity.clone(),
+            tls: self.tls.clone(),
         }
     }
 
@@ -200,9 +208,15 @@ impl Server {
                 incoming = self.endpoint.accept() => {
                     let Some(incoming) = incoming else { break };
                     let trees = self.trees.clone();
+                    let mut tls = self.tls.read().expect("tls lock").clone();
                     conns.spawn(async move {
                         let remote = incoming.remote_address();
-                        let conn = match incoming.await {
+                        tls.transport_config(tls::transport(tls::route_payload(remote)));
+                        let accepted = match incoming.accept_with(Arc::new(tls)) {
+                            Ok(connecting) => connecting.await,
+                            Err(e) => Err(e),
+                        };
+                        let conn = match accepted {
                             Ok(c) => c,
                             Err(e) => {
                                 tracing::info!(peer = %remote, "handshake refused: {e}");
@@ -514,6 +528,7 @@ impl ServerHandle {
             trees.iter().flat_map(|t| t.allow.keys().copied()).collect();
         match tls::server_config(&identity, allowed) {
             Ok(c) => {
+                *self.tls.write().expect("tls lock") = c.clone();
                 self.endpoint.set_server_config(Some(c));
                 *self.identity.write().expect("identity lock") = identity;
             }

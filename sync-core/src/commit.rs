@@ -182,6 +182,20 @@ pub struct Prebuilder {
     owners: bool,
     plan: Arc<SyncPlan>,
     state: Mutex<PrebuildState>,
+    /// How many of the plan's symlinks [`Prebuilder::link`] has been
+    /// through (held while it runs).
+    linked: Mutex<usize>,
+    /// Set by [`Prebuilder::close`]: stop linking.
+    stop: std::sync::atomic::AtomicBool,
+}
+
+/// What a [`Prebuilder`] made before the commit closed it.
+struct Prebuilt {
+    /// Indexes of the files whose temporaries are built.
+    files: HashSet<usize>,
+    /// The plan's symlinks below this index that lead only inside a fresh
+    /// subtree are made there.
+    linked: usize,
 }
 
 #[derive(Default)]
@@ -227,11 +241,46 @@ impl Prebuilder {
         }
     }
 
-    /// Stop building; the temporaries built so far.
-    fn close(&self) -> HashSet<usize> {
+    /// Make the symlinks that lead only inside the plan's fresh subtrees
+    /// (their skeleton is built; they need no chunk), in the plan's order,
+    /// until all are made or the builder is closed. Meant to run beside
+    /// the transfer; one that fails is left to the commit.
+    pub fn link(&self) {
+        let Some(fresh) = self.scratch.fresh.as_ref() else {
+            return;
+        };
+        let inner = Applier {
+            root: fresh,
+            fresh: None,
+            ..self.scratch.applier(fresh, self.owners)
+        };
+        let mut linked = self.linked.lock().unwrap_or_else(|e| e.into_inner());
+        let mut last = None;
+        for (i, op) in self.plan.symlinks.iter().enumerate().skip(*linked) {
+            if i % 256 == 0 && self.stop.load(std::sync::atomic::Ordering::Relaxed) {
+                return;
+            }
+            if self.plan.fresh.symlink(i) {
+                if let Err(e) = inner.symlink(i, op, &mut last) {
+                    tracing::debug!("symlinks left to the commit: {e}");
+                    return;
+                }
+            }
+            *linked = i + 1;
+        }
+    }
+
+    /// Stop building (waiting for a batch or a run of links in progress);
+    /// what was made so far.
+    fn close(&self) -> Prebuilt {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let linked = *self.linked.lock().unwrap_or_else(|e| e.into_inner());
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         st.closed = true;
-        std::mem::take(&mut st.built)
+        Prebuilt {
+            files: std::mem::take(&mut st.built),
+            linked,
+        }
     }
 }
 
@@ -488,6 +537,8 @@ impl Receiver {
             owners,
             state: Mutex::new(state),
             plan: Arc::new(plan),
+            linked: Mutex::new(0),
+            stop: Default::default(),
         });
         self.prebuild = Some(Prebuild {
             handed: false,
@@ -899,7 +950,7 @@ fn prepare(
     a: &Applier<'_>,
     plan: &SyncPlan,
     src: &dyn ChunkSource,
-    prebuilt: Option<&HashSet<usize>>,
+    prebuilt: Option<&Prebuilt>,
 ) -> Result<(u64, u64), CommitError> {
     let root = a.root;
     preflight(root, plan)?;
@@ -921,7 +972,7 @@ fn prepare(
     let skeleton = started.elapsed();
     let every = step(plan.files.len());
     in_parallel_by(&plan.files, 0, (64, 64), |i, _, last| {
-        if !prebuilt.is_some_and(|b| b.contains(&i)) {
+        if !prebuilt.is_some_and(|b| b.files.contains(&i)) {
             build_temp(a.tmp, a.fresh, plan, i, src, a.owners, last)?;
         }
         if i % every == 0 {
@@ -932,8 +983,9 @@ fn prepare(
     let files = started.elapsed();
     if let Some(inner) = &inner {
         // Inside a subtree no reader sees yet, in any order.
+        let linked = prebuilt.map_or(0, |b| b.linked);
         in_parallel(&plan.symlinks, 0, |i, op, last| {
-            match plan.fresh.symlink(i) {
+            match i >= linked && plan.fresh.symlink(i) {
                 true => inner.symlink(i, op, last),
                 false => Ok(()),
             }
@@ -946,7 +998,8 @@ fn prepare(
     let count = |v: &[bool]| v.iter().filter(|&&b| b).count();
     tracing::debug!(
         files = plan.files.len(),
-        before = prebuilt.map_or(0, HashSet::len),
+        before = prebuilt.map_or(0, |b| b.files.len()),
+        linked_before = prebuilt.map_or(0, |b| b.linked),
         fresh_roots = plan.fresh.roots().count(),
         fresh_files = count(&plan.fresh.files),
         fresh_symlinks = count(&plan.fresh.symlinks),
@@ -1655,6 +1708,10 @@ mod tests {
         }
         std::fs::write(src.join("d/same-as-f1"), vec![1u8; 1001]).unwrap();
         std::os::unix::fs::symlink("d/f1", src.join("cur")).unwrap();
+        // Links inside the new `d` (made ahead) and one leading out of it.
+        std::os::unix::fs::symlink("f1", src.join("d/l1")).unwrap();
+        std::os::unix::fs::symlink("l1", src.join("d/l2")).unwrap();
+        std::os::unix::fs::symlink("../cur", src.join("d/out")).unwrap();
         let m = scan(&src);
         let opts = CommitOptions::default();
         let mut r = Receiver::open(&dest, None).unwrap();
@@ -1670,6 +1727,7 @@ mod tests {
         }
         r.persist_staging().unwrap();
         b.build(&chunks[..5]);
+        b.link();
         let tmp = r.state_dir().join("tmp");
         let names = |dir: &Path| {
             let mut v: Vec<String> = std::fs::read_dir(dir)
@@ -1679,11 +1737,16 @@ mod tests {
             v.sort();
             v
         };
-        // `d` is new: its files are built at their names in its subtree.
+        // `d` is new: its files are built at their names in its subtree,
+        // with the links that stay inside it.
         assert_eq!(names(&tmp), ["t"]);
         assert_eq!(
             names(&tmp.join("t/d")),
-            ["f0", "f1", "f2", "f3", "f4", "same-as-f1"]
+            ["f0", "f1", "f2", "f3", "f4", "l1", "l2", "same-as-f1"]
+        );
+        assert_eq!(
+            std::fs::read_link(tmp.join("t/d/l2")).unwrap(),
+            Path::new("l1")
         );
         let plan = r.expected_plan(&m).expect("the plan made ahead");
         r.commit(&m, &plan, &opts).unwrap();
