@@ -951,6 +951,7 @@ mod tests {
         let opts = sync_core::scan::ScanOptions {
             cache: None,
             owners: false,
+            ..Default::default()
         };
         let m = sync_core::scan::scan(t.path(), &opts).unwrap().manifest;
         let dir = |name: &[u8]| m.lookup(name).unwrap().unwrap().subtree().unwrap();

@@ -135,6 +135,8 @@ pub async fn run(
     let scan_opts = ScanOptions {
         cache: cfg.cache.clone(),
         owners: true,
+        // Kept in memory as long as the agent runs.
+        pack: true,
     };
     init_status(&status, &cfg.name, &cfg.root, "source", &cfg.downstream);
     let hints = Hints::new(cfg.root.clone(), Debouncer::new(cfg.quiet, cfg.max_delay));

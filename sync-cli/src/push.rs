@@ -44,6 +44,9 @@ pub fn scan_source(o: &PushOptions) -> anyhow::Result<sync_core::scan::ScanOutco
     let opts = CoreScan {
         cache,
         owners: true,
+        // Held until this process exits: trees are compressed only if a
+        // local commit stores them.
+        pack: false,
     };
     scan(o.src(), &opts).with_context(|| format!("scanning {}", o.src().display()))
 }

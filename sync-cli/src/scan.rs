@@ -41,6 +41,8 @@ pub fn run(o: ScanOptions) -> Outcome {
     let opts = CoreOptions {
         cache: cache.clone(),
         owners: !o.no_owners,
+        // Held as an agent holds it: `manifest_held_bytes` says how much.
+        pack: true,
     };
     let out = scan(&o.path, &opts).with_context(|| format!("scanning {}", o.path.display()))?;
     let s = out.manifest.stats()?;

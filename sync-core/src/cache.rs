@@ -1,9 +1,12 @@
 //! The persistent hash cache: what each file hashed to last time, keyed by
 //! (dev, inode) and trusted only while size, mtime and ctime are unchanged,
-//! so that a rescan of an unchanged tree reads no file content. Blocking
-//! file IO only (load and save); a damaged cache is ignored, never fatal.
+//! so that a rescan of an unchanged tree reads no file content. Symlink
+//! targets are kept the same way (a target is never changed in place: a new
+//! one is a new inode, or at least a new ctime), which spares the scan a
+//! `readlink` per symlink, as costly as its stat when the target is longer
+//! than fits in the inode. Blocking file IO only (load and save); a damaged
+//! cache is ignored, never fatal.
 
-use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -11,7 +14,8 @@ use crate::chunk::{ChunkRef, CDC_MAX};
 use crate::hash::{ChunkId, FileHash};
 
 const MAGIC: [u8; 4] = *b"SYHC";
-const VERSION: u16 = 1;
+/// Version 2 added symlink targets; a version 1 file is still read.
+const VERSION: u16 = 2;
 const MAX_RECORDS: usize = 256 << 20;
 /// Entries modified this close to the scan are not cached: a write within
 /// the filesystem's timestamp granularity could go unnoticed.
@@ -36,10 +40,20 @@ pub struct Cached {
     pub chunks: Box<[ChunkRef]>,
 }
 
+/// Longest symlink target kept (`PATH_MAX`, with its NUL).
+pub const MAX_TARGET: usize = 4096;
+
+/// One symlink as [`save`] takes it.
+pub type LinkRecord = (StatKey, Box<[u8]>);
+
 /// Hashes from the last scan and the ones gathered by this scan.
 #[derive(Debug, Default)]
 pub struct HashCache {
-    old: HashMap<(u64, u64), Cached>,
+    old: rustc_hash::FxHashMap<(u64, u64), Cached>,
+    /// Symlinks: the loaded file, and where in it each record starts (read
+    /// in place: no allocation per link when loading or dropping).
+    bytes: Vec<u8>,
+    links: rustc_hash::FxHashMap<(u64, u64), usize>,
     /// Read intact from a file (an empty cache may also be one).
     loaded: bool,
 }
@@ -49,7 +63,12 @@ impl HashCache {
     pub fn load(path: &Path) -> HashCache {
         match std::fs::read(path) {
             Ok(bytes) => match decode(&bytes) {
-                Some(old) => HashCache { old, loaded: true },
+                Some((old, links)) => HashCache {
+                    old,
+                    bytes,
+                    links,
+                    loaded: true,
+                },
                 None => {
                     tracing::warn!(path = %path.display(), "hash cache is damaged; rescanning all content");
                     HashCache::default()
@@ -70,6 +89,46 @@ impl HashCache {
 
     pub fn is_empty(&self) -> bool {
         self.old.is_empty()
+    }
+
+    /// Symlinks held.
+    pub fn link_count(&self) -> usize {
+        self.links.len()
+    }
+
+    /// The cached target of a symlink whose stat matches exactly.
+    pub fn get_link(&self, key: &StatKey) -> Option<&[u8]> {
+        let (k, target) = self.link_at(*self.links.get(&(key.dev, key.ino))?);
+        (k == *key).then_some(target)
+    }
+
+    /// Every symlink, as [`save`] takes them.
+    pub fn link_records(&self) -> impl Iterator<Item = LinkRecord> + '_ {
+        self.links.values().map(|&at| {
+            let (k, target) = self.link_at(at);
+            (k, target.into())
+        })
+    }
+
+    /// The symlink of one (dev, inode), as [`save`] takes it.
+    pub fn link_record(&self, dev: u64, ino: u64) -> Option<LinkRecord> {
+        let (k, target) = self.link_at(*self.links.get(&(dev, ino))?);
+        Some((k, target.into()))
+    }
+
+    /// The link record at `at` in the loaded file (checked by [`decode`]).
+    fn link_at(&self, at: usize) -> (StatKey, &[u8]) {
+        let b = &self.bytes[at..];
+        let v = |i: usize| u64::from_le_bytes(b[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+        let len = u16::from_le_bytes([b[40], b[41]]) as usize;
+        let key = StatKey {
+            dev: v(0),
+            ino: v(1),
+            size: v(2),
+            mtime_ns: v(3) as i64,
+            ctime_ns: v(4) as i64,
+        };
+        (key, &b[LINK_HEAD..LINK_HEAD + len])
     }
 
     /// Every record, as [`save`] takes them.
@@ -104,8 +163,17 @@ fn as_record((dev, ino): (u64, u64), c: &Cached) -> (StatKey, FileHash, Box<[Chu
     )
 }
 
-/// Write `records` as the new cache, atomically (temp file and rename).
-pub fn save(path: &Path, records: &[(StatKey, FileHash, Box<[ChunkRef]>)]) -> std::io::Result<()> {
+/// Bytes of a link record before its target: five u64 and the target's
+/// length as a u16.
+const LINK_HEAD: usize = 42;
+
+/// Write `records` and `links` as the new cache, atomically (temp file and
+/// rename). Targets longer than [`MAX_TARGET`] are left out.
+pub fn save(
+    path: &Path,
+    records: &[(StatKey, FileHash, Box<[ChunkRef]>)],
+    links: &[LinkRecord],
+) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -124,6 +192,18 @@ pub fn save(path: &Path, records: &[(StatKey, FileHash, Box<[ChunkRef]>)]) -> st
             out.extend_from_slice(&c.len.to_le_bytes());
         }
     }
+    let links: Vec<_> = links
+        .iter()
+        .filter(|(_, t)| t.len() <= MAX_TARGET)
+        .collect();
+    out.extend_from_slice(&(links.len() as u64).to_le_bytes());
+    for (k, target) in links {
+        for v in [k.dev, k.ino, k.size, k.mtime_ns as u64, k.ctime_ns as u64] {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        out.extend_from_slice(&(target.len() as u16).to_le_bytes());
+        out.extend_from_slice(target);
+    }
     let tmp = tmp_name(path);
     let mut f = std::fs::File::create(&tmp)?;
     f.write_all(&out)?;
@@ -137,38 +217,49 @@ fn tmp_name(path: &Path) -> PathBuf {
     path.with_file_name(name)
 }
 
-fn decode(bytes: &[u8]) -> Option<HashMap<(u64, u64), Cached>> {
-    let mut r = bytes;
-    let mut take = |n: usize| -> Option<&[u8]> {
+/// File records, and the offset of each link record.
+type Decoded = (
+    rustc_hash::FxHashMap<(u64, u64), Cached>,
+    rustc_hash::FxHashMap<(u64, u64), usize>,
+);
+
+fn decode(bytes: &[u8]) -> Option<Decoded> {
+    fn take<'b>(r: &mut &'b [u8], n: usize) -> Option<&'b [u8]> {
         if r.len() < n {
             return None;
         }
         let (a, b) = r.split_at(n);
-        r = b;
+        *r = b;
         Some(a)
-    };
-    if take(4)? != MAGIC || u16::from_le_bytes(take(2)?.try_into().ok()?) != VERSION {
+    }
+    let mut r = bytes;
+    if take(&mut r, 4)? != MAGIC {
         return None;
     }
-    let n = u64::from_le_bytes(take(8)?.try_into().ok()?) as usize;
+    let version = u16::from_le_bytes(take(&mut r, 2)?.try_into().ok()?);
+    if !(1..=VERSION).contains(&version) {
+        return None;
+    }
+    let n = u64::from_le_bytes(take(&mut r, 8)?.try_into().ok()?) as usize;
     if n > MAX_RECORDS || n > bytes.len() / 76 {
         return None;
     }
-    let mut map = HashMap::with_capacity(n);
+    let mut map = rustc_hash::FxHashMap::default();
+    map.reserve(n);
     for _ in 0..n {
         let mut v = [0u64; 5];
         for x in &mut v {
-            *x = u64::from_le_bytes(take(8)?.try_into().ok()?);
+            *x = u64::from_le_bytes(take(&mut r, 8)?.try_into().ok()?);
         }
-        let hash = FileHash(take(32)?.try_into().ok()?);
-        let nchunks = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
+        let hash = FileHash(take(&mut r, 32)?.try_into().ok()?);
+        let nchunks = u32::from_le_bytes(take(&mut r, 4)?.try_into().ok()?) as usize;
         if nchunks > bytes.len() / 36 {
             return None;
         }
         let mut chunks = Vec::with_capacity(nchunks);
         for _ in 0..nchunks {
-            let id = ChunkId(take(32)?.try_into().ok()?);
-            let len = u32::from_le_bytes(take(4)?.try_into().ok()?);
+            let id = ChunkId(take(&mut r, 32)?.try_into().ok()?);
+            let len = u32::from_le_bytes(take(&mut r, 4)?.try_into().ok()?);
             if len == 0 || len as usize > CDC_MAX {
                 return None;
             }
@@ -185,7 +276,27 @@ fn decode(bytes: &[u8]) -> Option<HashMap<(u64, u64), Cached>> {
             },
         );
     }
-    r.is_empty().then_some(map)
+    let mut links = rustc_hash::FxHashMap::default();
+    if version >= 2 {
+        let n = u64::from_le_bytes(take(&mut r, 8)?.try_into().ok()?) as usize;
+        if n > MAX_RECORDS || n > bytes.len() / (LINK_HEAD + 1) {
+            return None;
+        }
+        links.reserve(n);
+        for _ in 0..n {
+            let at = bytes.len() - r.len();
+            let head = take(&mut r, LINK_HEAD)?;
+            let len = u16::from_le_bytes([head[40], head[41]]) as usize;
+            if len == 0 || len > MAX_TARGET {
+                return None;
+            }
+            take(&mut r, len)?;
+            let dev = u64::from_le_bytes(head[..8].try_into().ok()?);
+            let ino = u64::from_le_bytes(head[8..16].try_into().ok()?);
+            links.insert((dev, ino), at);
+        }
+    }
+    r.is_empty().then_some((map, links))
 }
 
 /// Where `sync-cli scan` keeps the cache of a tree by default:
@@ -223,10 +334,44 @@ mod tests {
             len: 300_000 - 100_000,
         }]
         .into();
-        save(&path, &[(key, FileHash([9; 32]), chunks.clone())]).unwrap();
+        let link = StatKey {
+            ino: 3,
+            size: 9,
+            ..key
+        };
+        let target: Box<[u8]> = b"../a/\xffb/c"[..].into();
+        save(
+            &path,
+            &[(key, FileHash([9; 32]), chunks.clone())],
+            &[(link, target.clone())],
+        )
+        .unwrap();
         let c = HashCache::load(&path);
         assert_eq!(c.get(&key).unwrap().chunks, chunks);
         assert!(c.get(&StatKey { ctime_ns: 6, ..key }).is_none());
+        assert_eq!(c.get_link(&link), Some(&target[..]));
+        assert_eq!(
+            c.get_link(&StatKey {
+                ctime_ns: 6,
+                ..link
+            }),
+            None
+        );
+        assert_eq!(c.get_link(&key), None, "a file is no link");
+        // A version 1 file (no links) still loads.
+        let mut v1 = std::fs::read(&path).unwrap();
+        let links_at = v1.len() - (8 + 40 + 2 + 9);
+        v1.truncate(links_at);
+        v1[4..6].copy_from_slice(&1u16.to_le_bytes());
+        std::fs::write(&path, &v1).unwrap();
+        let c = HashCache::load(&path);
+        assert!(c.loaded() && c.get(&key).is_some() && c.link_count() == 0);
+        save(
+            &path,
+            &[(key, FileHash([9; 32]), chunks.clone())],
+            &[(link, target)],
+        )
+        .unwrap();
         let mut bytes = std::fs::read(&path).unwrap();
         bytes.truncate(bytes.len() - 1);
         std::fs::write(&path, bytes).unwrap();

@@ -1680,6 +1680,8 @@ mod tests {
         let opts = crate::scan::ScanOptions {
             cache: None,
             owners: false,
+            // Unpacked trees, compressed when the commit stores them.
+            pack: false,
         };
         crate::scan::scan(src, &opts).unwrap().manifest
     }

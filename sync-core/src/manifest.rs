@@ -785,10 +785,26 @@ pub fn pack(encoded: &[u8]) -> Arc<[u8]> {
             return packed;
         }
     }
+    hold(encoded)
+}
+
+/// The in-memory form of an encoded tree, uncompressed: for a manifest
+/// held only briefly (a one-shot push), where compressing every directory
+/// would cost more than the memory it saves.
+pub fn hold(encoded: &[u8]) -> Arc<[u8]> {
     let mut out = Vec::with_capacity(encoded.len() + 1);
     out.push(0);
     out.extend_from_slice(encoded);
     out.into()
+}
+
+/// A held tree as it is stored on disk: compressed if it was held
+/// uncompressed (by [`hold`]) and compression pays.
+pub fn for_storage(held: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    match held.split_first() {
+        Some((0, raw)) if raw.len() >= PACK_MIN => std::borrow::Cow::Owned(pack(raw).to_vec()),
+        _ => std::borrow::Cow::Borrowed(held),
+    }
 }
 
 fn unpack(packed: &[u8]) -> Result<Vec<u8>, ManifestError> {
@@ -822,6 +838,22 @@ impl<'a> Reader<'a> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    /// A tree held uncompressed is stored compressed, and both forms
+    /// unpack to the same bytes; a small one is stored as it is.
+    #[test]
+    fn held_trees_are_compressed_for_storage() {
+        let big: Vec<u8> = (0..4000u32).flat_map(|i| (i % 7).to_le_bytes()).collect();
+        let held = hold(&big);
+        let stored = for_storage(&held);
+        assert_eq!(stored[0], 1);
+        assert!(stored.len() < big.len() / 4);
+        assert_eq!(unpack(&stored).unwrap(), big);
+        assert_eq!(unpack(&held).unwrap(), big);
+        assert_eq!(for_storage(&pack(&big))[..], pack(&big)[..]);
+        let small = hold(b"small");
+        assert!(matches!(for_storage(&small), std::borrow::Cow::Borrowed(b) if b == &small[..]));
+    }
     use proptest::prelude::*;
 
     pub fn file(name: &[u8], content: &[u8]) -> Entry {

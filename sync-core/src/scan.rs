@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use rayon::prelude::*;
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 
-use crate::cache::{self, HashCache, StatKey};
+use crate::cache::{self, HashCache, LinkRecord, StatKey};
 use crate::chunk::{chunk_reader, ChunkRef, Content};
 use crate::hash::{FileHash, TreeId};
 use crate::manifest::{join, Entry, Kind, Manifest, ManifestError, Tree, MAX_DEPTH};
@@ -57,6 +57,11 @@ pub struct ScanOptions {
     /// Record owners (uid/gid); when false both are recorded as 0, so that
     /// trees owned by different users on different hosts compare equal.
     pub owners: bool,
+    /// Hold the manifest's trees compressed (see [`crate::manifest::pack`]):
+    /// for a manifest kept in memory. A one-shot scan (a push that exits
+    /// after) spares the compression of every directory; its trees are
+    /// compressed only if they are stored.
+    pub pack: bool,
 }
 
 impl Default for ScanOptions {
@@ -64,6 +69,7 @@ impl Default for ScanOptions {
         ScanOptions {
             cache: None,
             owners: true,
+            pack: true,
         }
     }
 }
@@ -135,6 +141,10 @@ struct Ctx<'a> {
     new_cache: Mutex<Vec<CacheRecord>>,
     /// (dev, inode) of the cache hits to keep in the saved cache.
     kept: Mutex<Vec<(u64, u64)>>,
+    /// Symlinks read by this scan, and (dev, inode) of the ones found in
+    /// the cache, to keep.
+    new_links: Mutex<Vec<LinkRecord>>,
+    kept_links: Mutex<Vec<(u64, u64)>>,
     trees: Mutex<HashMap<TreeId, Arc<[u8]>>>,
     links: Mutex<LinkGroups>,
     warnings: Mutex<Vec<String>>,
@@ -142,6 +152,7 @@ struct Ctx<'a> {
     bytes: AtomicU64,
     hits: AtomicU64,
     owners: bool,
+    pack: bool,
     racy_after_ns: i64,
 }
 
@@ -234,6 +245,8 @@ fn scan_with(
         save_cache: opts.cache.is_some(),
         new_cache: Mutex::new(Vec::new()),
         kept: Mutex::new(Vec::new()),
+        new_links: Mutex::new(Vec::new()),
+        kept_links: Mutex::new(Vec::new()),
         trees: Mutex::new(start_trees),
         links: Mutex::new(HashMap::new()),
         warnings: Mutex::new(Vec::new()),
@@ -241,6 +254,7 @@ fn scan_with(
         bytes: AtomicU64::new(0),
         hits: AtomicU64::new(0),
         owners: opts.owners,
+        pack: opts.pack,
         racy_after_ns: now_ns.saturating_sub(cache::RACY_WINDOW_NS),
     };
     let fd = rustix::fs::open(
@@ -270,11 +284,15 @@ fn scan_with(
     };
 
     if let (Some(path), true) = (&opts.cache, ctx.save_cache) {
-        let records = ctx.new_cache.into_inner().unwrap();
-        let mut kept = ctx.kept.into_inner().unwrap();
-        if ctx.reuse.is_none() && records.is_empty() && unchanged_cache(&ctx.cache, &mut kept) {
+        let mut update = CacheUpdate {
+            files: ctx.new_cache.into_inner().unwrap(),
+            kept: ctx.kept.into_inner().unwrap(),
+            links: ctx.new_links.into_inner().unwrap(),
+            kept_links: ctx.kept_links.into_inner().unwrap(),
+        };
+        if ctx.reuse.is_none() && update.unchanged(&ctx.cache) {
             // The file already holds exactly these records.
-        } else if let Err(e) = save_cache(&ctx.cache, path, records, &kept, ctx.reuse.is_some()) {
+        } else if let Err(e) = update.save(&ctx.cache, path, ctx.reuse.is_some()) {
             tracing::warn!(path = %path.display(), "cannot save the hash cache: {e}");
         }
     }
@@ -291,39 +309,63 @@ fn scan_with(
     })
 }
 
-/// True if the cache to save is the loaded one: every loaded record was
-/// hit (and kept) exactly once and nothing else was hashed. A warm scan of
-/// an unchanged tree then writes nothing.
-fn unchanged_cache(cache: &HashCache, kept: &mut [(u64, u64)]) -> bool {
-    if !cache.loaded() || kept.len() != cache.len() {
-        return false;
-    }
-    // Hits are distinct loaded records unless an inode was seen twice.
-    kept.sort_unstable();
-    kept.windows(2).all(|w| w[0] != w[1])
+/// What a scan found for the hash cache.
+struct CacheUpdate {
+    /// Records of the files hashed by this scan.
+    files: Vec<CacheRecord>,
+    /// (dev, inode) of the loaded file records hit.
+    kept: Vec<(u64, u64)>,
+    /// Symlinks read by this scan.
+    links: Vec<LinkRecord>,
+    /// (dev, inode) of the loaded symlinks hit.
+    kept_links: Vec<(u64, u64)>,
 }
 
-/// Write the new cache: the records of the files hashed by this scan, the
-/// loaded records of the `kept` hits and, for a rescan, the loaded records
-/// of files in reused subtrees (they were not visited).
-fn save_cache(
-    cache: &HashCache,
-    path: &Path,
-    mut records: Vec<CacheRecord>,
-    kept: &[(u64, u64)],
-    rescan: bool,
-) -> std::io::Result<()> {
-    records.extend(kept.iter().filter_map(|&(dev, ino)| cache.record(dev, ino)));
-    if rescan {
-        let seen: std::collections::HashSet<(u64, u64)> =
-            records.iter().map(|(k, ..)| (k.dev, k.ino)).collect();
-        records.extend(
-            cache
-                .records()
-                .filter(|(k, ..)| !seen.contains(&(k.dev, k.ino))),
-        );
+impl CacheUpdate {
+    /// True if the cache to save is the loaded one: every loaded record
+    /// was hit (and kept) exactly once and nothing else was read. A warm
+    /// scan of an unchanged tree then writes nothing.
+    fn unchanged(&mut self, cache: &HashCache) -> bool {
+        let once = |kept: &mut Vec<(u64, u64)>, loaded: usize| {
+            // Hits are distinct loaded records unless an inode was seen twice.
+            kept.sort_unstable();
+            kept.len() == loaded && kept.windows(2).all(|w| w[0] != w[1])
+        };
+        cache.loaded()
+            && self.files.is_empty()
+            && self.links.is_empty()
+            && once(&mut self.kept, cache.len())
+            && once(&mut self.kept_links, cache.link_count())
     }
-    cache::save(path, &records)
+
+    /// Write the new cache: the records read by this scan, the loaded
+    /// records of the hits and, for a rescan, the loaded records of the
+    /// entries in reused subtrees (they were not visited).
+    fn save(mut self, cache: &HashCache, path: &Path, rescan: bool) -> std::io::Result<()> {
+        let files = &mut self.files;
+        files.extend(
+            self.kept
+                .iter()
+                .filter_map(|&(dev, ino)| cache.record(dev, ino)),
+        );
+        let links = &mut self.links;
+        links.extend(
+            self.kept_links
+                .iter()
+                .filter_map(|&(dev, ino)| cache.link_record(dev, ino)),
+        );
+        if rescan {
+            let seen: std::collections::HashSet<(u64, u64)> = files
+                .iter()
+                .map(|(k, ..)| (k.dev, k.ino))
+                .chain(links.iter().map(|(k, _)| (k.dev, k.ino)))
+                .collect();
+            let unseen = |k: &StatKey| !seen.contains(&(k.dev, k.ino));
+            files.extend(cache.records().filter(|(k, ..)| unseen(k)));
+            links.extend(cache.link_records().filter(|(k, _)| unseen(k)));
+        }
+        cache::save(path, files, links)
+    }
 }
 
 #[allow(clippy::unnecessary_cast)]
@@ -433,7 +475,10 @@ fn scan_dir(ctx: &Ctx, dirfd: OwnedFd, rel: &[u8], depth: usize) -> Result<TreeI
     drop(tree);
     let id = TreeId::of(&bytes);
     // Compress outside the lock: the other threads keep walking meanwhile.
-    let packed = crate::manifest::pack(&bytes);
+    let packed = match ctx.pack {
+        true => crate::manifest::pack(&bytes),
+        false => crate::manifest::hold(&bytes),
+    };
     ctx.trees.lock().unwrap().entry(id).or_insert(packed);
     Ok(id)
 }
@@ -545,10 +590,10 @@ fn scan_entry(
             )))
         }
         FileType::Symlink => {
-            let target = match read_link(dirfd, &cname) {
-                Ok(t) => t,
-                Err(rustix::io::Errno::NOENT) => return Ok(None),
-                Err(e) => return Err(ctx.io(&rel(), e)),
+            let Some(target) =
+                link_target(ctx, dirfd, &cname, &st).map_err(|e| ctx.io(&rel(), e))?
+            else {
+                return Ok(None);
             };
             Ok(Some(entry(
                 cname.into_bytes(),
@@ -587,6 +632,38 @@ fn scan_entry(
             Ok(None)
         }
     }
+}
+
+/// The target of a symlink, from the cache or by reading it; `None` if it
+/// was deleted meanwhile.
+fn link_target(
+    ctx: &Ctx,
+    dirfd: &OwnedFd,
+    cname: &CStr,
+    st: &rustix::fs::Stat,
+) -> rustix::io::Result<Option<Vec<u8>>> {
+    let key = stat_key(st);
+    let keep = ctx.save_cache && !racy(ctx, &key);
+    if let Some(target) = ctx.cache.get_link(&key) {
+        if keep {
+            ctx.kept_links.lock().unwrap().push((key.dev, key.ino));
+        }
+        return Ok(Some(target.to_vec()));
+    }
+    let target = match read_link(dirfd, cname) {
+        Ok(t) => t,
+        Err(rustix::io::Errno::NOENT) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    // Read after the stat: a symlink replaced meanwhile is another inode,
+    // whose target must not be kept under this one's key.
+    if keep && target.len() as u64 == key.size {
+        ctx.new_links
+            .lock()
+            .unwrap()
+            .push((key, target.clone().into()));
+    }
+    Ok(Some(target))
 }
 
 /// The content of one regular file, from the cache or by reading it; the
@@ -806,6 +883,42 @@ mod tests {
         let fourth = scan(&tree, &opts).unwrap();
         assert_eq!((fourth.files_hashed, fourth.cache_hits), (1, 19));
         assert_ne!(fourth.manifest.root(), first.manifest.root());
+    }
+
+    #[test]
+    fn symlink_targets_come_from_the_cache_while_the_link_is_unchanged() {
+        let d = tempfile::tempdir().unwrap();
+        let tree = d.path().join("t");
+        std::fs::create_dir(&tree).unwrap();
+        std::os::unix::fs::symlink("target-one", tree.join("l")).unwrap();
+        // Just-made links have a recent ctime: too "racy" to cache yet.
+        std::thread::sleep(std::time::Duration::from_nanos(
+            cache::RACY_WINDOW_NS as u64 + 100_000_000,
+        ));
+        let path = d.path().join("cache");
+        let opts = ScanOptions {
+            cache: Some(path.clone()),
+            ..Default::default()
+        };
+        let target = |m: &Manifest| match m.lookup(b"l").unwrap().unwrap().kind {
+            Kind::Symlink { target } => target,
+            other => panic!("{other:?}"),
+        };
+        let first = scan(&tree, &opts).unwrap();
+        assert_eq!(target(&first.manifest), b"target-one");
+        let key = stat_key(&rustix::fs::lstat(tree.join("l")).unwrap());
+        assert_eq!(
+            HashCache::load(&path).get_link(&key),
+            Some(&b"target-one"[..])
+        );
+        // The scan takes the target from the cache (shown by a record under
+        // the link's very stat that says something else)...
+        cache::save(&path, &[], &[(key, b"target-two"[..].into())]).unwrap();
+        assert_eq!(target(&scan(&tree, &opts).unwrap().manifest), b"target-two");
+        // ...and reads it again once the link is another one.
+        std::fs::remove_file(tree.join("l")).unwrap();
+        std::os::unix::fs::symlink("target-3", tree.join("l")).unwrap();
+        assert_eq!(target(&scan(&tree, &opts).unwrap().manifest), b"target-3");
     }
 
     #[test]

@@ -490,7 +490,7 @@ impl StateDir {
         f.set_len(at).map_err(ioe("truncate", &p))?;
         let mut buf = Vec::new();
         for (id, packed) in trees {
-            encode_log_record(&mut buf, id, packed);
+            encode_log_record(&mut buf, id, &crate::manifest::for_storage(packed));
         }
         crashpoint::check_write().map_err(ioe("write", &p))?;
         std::os::unix::fs::FileExt::write_all_at(&f, &buf, at).map_err(ioe("write", &p))?;

@@ -223,6 +223,7 @@ fn check_hashes_match_b3sum(root: &Path) {
         &ScanOptions {
             cache: None,
             owners: false,
+            ..Default::default()
         },
     )
     .unwrap();

@@ -177,6 +177,7 @@ pub fn scan_tree(root: &Path) -> Manifest {
         &ScanOptions {
             cache: None,
             owners: false,
+            ..Default::default()
         },
     )
     .unwrap()
