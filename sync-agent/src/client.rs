@@ -99,7 +99,24 @@ pub async fn connect(
     id: &Identity,
     peer: Fingerprint,
 ) -> Result<(Endpoint, Connection), ClientError> {
-    let cfg = tls::client_config(id, peer, tls::route_payload(addr))?;
+    connect_with(addr, config(addr, id, peer)?).await
+}
+
+/// The client config for `addr` (see [`tls::client_config`]).
+pub fn config(
+    addr: SocketAddr,
+    id: &Identity,
+    peer: Fingerprint,
+) -> Result<quinn::ClientConfig, ClientError> {
+    Ok(tls::client_config(id, peer, tls::route_payload(addr))?)
+}
+
+/// Connect with a config made by [`config`] (owned: can be spawned, e.g.
+/// to shake hands while the source is scanned).
+pub async fn connect_with(
+    addr: SocketAddr,
+    cfg: quinn::ClientConfig,
+) -> Result<(Endpoint, Connection), ClientError> {
     let bind: SocketAddr = if addr.is_ipv4() {
         "0.0.0.0:0".parse().expect("literal")
     } else {
@@ -167,6 +184,20 @@ pub async fn push(
     src: &Path,
     opts: DriveOptions,
 ) -> Result<RemoteOutcome, ClientError> {
+    let (endpoint, conn) = connect(addr, id, peer).await?;
+    push_on(endpoint, conn, addr, tree, locator, src, opts).await
+}
+
+/// [`push`] on a connection already made (by [`connect_with`]).
+pub async fn push_on(
+    endpoint: Endpoint,
+    conn: Connection,
+    addr: SocketAddr,
+    tree: &str,
+    locator: Arc<LazyLocator>,
+    src: &Path,
+    opts: DriveOptions,
+) -> Result<RemoteOutcome, ClientError> {
     let session = SourceSession::client(
         tree,
         CLIENT_AGENT,
@@ -176,7 +207,6 @@ pub async fn push(
     )
     .map_err(|e| ClientError::Setup(e.to_string()))?;
     let root = Root::open(src).map_err(|e| ClientError::Setup(e.to_string()))?;
-    let (endpoint, conn) = connect(addr, id, peer).await?;
     let (send, recv) = conn.open_bi().await.map_err(|e| ClientError::Connect {
         addr,
         reason: explain(&e.to_string()),

@@ -22,6 +22,9 @@ use crate::progress::Phase;
 use crate::scan::human_bytes;
 use crate::{PushOptions, RestoreOptions};
 
+/// How long a connection made before the scan is used for the push.
+const EARLY_CONNECTION_MAX_AGE: Duration = Duration::from_secs(5);
+
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -139,11 +142,23 @@ pub fn push(o: PushOptions) -> Outcome {
     }
     let (id, peer) = credentials(&o.identity, &o.peer)?;
     let addr = url.resolve()?;
-    let phase = Phase::start(!o.json, "scanning source");
-    let scanned = crate::push::scan_source(&o)?;
-    phase.finish();
-    tracing::debug!(ms = start.elapsed().as_millis() as u64, "source scanned");
     let rt = runtime()?;
+    // Shake hands while the source is scanned (the runtime's threads drive
+    // it): an unchanged push is little more than the scan.
+    let cfg = client::config(addr, &id, peer)?;
+    let early = rt.spawn(client::connect_with(addr, cfg));
+    let phase = Phase::start(!o.json, "scanning source");
+    let scan_started = Instant::now();
+    let scanned = crate::push::scan_source(&o);
+    phase.finish();
+    let scanned = match scanned {
+        Ok(s) => s,
+        Err(e) => {
+            early.abort();
+            return Err(e);
+        }
+    };
+    tracing::debug!(ms = start.elapsed().as_millis() as u64, "source scanned");
     let progress = Arc::new(Progress::default());
     let bar = Bar::start(&rt, !o.json, "sent", progress.clone());
     let opts = DriveOptions {
@@ -151,15 +166,23 @@ pub fn push(o: PushOptions) -> Outcome {
         ..DriveOptions::default()
     };
     let manifest = scanned.manifest.clone();
-    let res = rt.block_on(client::push(
-        addr,
-        &url.tree,
-        &id,
-        peer,
-        std::sync::Arc::new(sync_agent::driver::LazyLocator::new(manifest)),
-        o.src(),
-        opts,
-    ));
+    let locator = std::sync::Arc::new(sync_agent::driver::LazyLocator::new(manifest));
+    let res = rt.block_on(async {
+        // The agent waits 10 s for a session to start: after a long scan,
+        // connect again rather than race its timeout.
+        let conn = match early.await {
+            Ok(Ok((endpoint, conn)))
+                if scan_started.elapsed() < EARLY_CONNECTION_MAX_AGE
+                    && conn.close_reason().is_none() =>
+            {
+                (endpoint, conn)
+            }
+            Ok(Err(e)) => return Err(e),
+            _ => client::connect(addr, &id, peer).await?,
+        };
+        let (endpoint, conn) = conn;
+        client::push_on(endpoint, conn, addr, &url.tree, locator, o.src(), opts).await
+    });
     bar.finish();
     let out: RemoteOutcome = res.with_context(|| format!("pushing to {}", o.dest()))?;
     let s = out.result.as_ref().unwrap_or(&out.partial);

@@ -488,9 +488,19 @@ impl StateDir {
             .map_err(ioe("open", &p))?;
         let fresh = at == 0;
         f.set_len(at).map_err(ioe("truncate", &p))?;
+        // Trees held uncompressed are compressed here, on every core.
+        let trees: Vec<(&TreeId, &[u8])> = trees.into_iter().collect();
+        let stored: Vec<_> = {
+            use rayon::prelude::*;
+            trees
+                .par_iter()
+                .with_min_len(64)
+                .map(|&(id, packed)| (id, crate::manifest::for_storage(packed)))
+                .collect()
+        };
         let mut buf = Vec::new();
-        for (id, packed) in trees {
-            encode_log_record(&mut buf, id, &crate::manifest::for_storage(packed));
+        for (id, packed) in &stored {
+            encode_log_record(&mut buf, id, packed);
         }
         crashpoint::check_write().map_err(ioe("write", &p))?;
         std::os::unix::fs::FileExt::write_all_at(&f, &buf, at).map_err(ioe("write", &p))?;

@@ -90,7 +90,7 @@ impl FreshFs {
     /// the mount point. Inode tables and journal are written by mkfs, so
     /// no lazy initialisation runs in the background of a timed run.
     pub fn remake(&mut self) -> Result<&Path> {
-        self.unmount();
+        self.unmount()?;
         std::fs::create_dir_all(&self.mnt)?;
         let img = std::fs::OpenOptions::new()
             .create(true)
@@ -122,17 +122,38 @@ impl FreshFs {
         Ok(&self.mnt)
     }
 
-    fn unmount(&mut self) {
-        if let Some(dev) = self.mounted.take() {
-            let _ = Command::new("umount").arg(&self.mnt).status();
-            let _ = Command::new("losetup").arg("-d").arg(&dev).status();
+    /// Where the filesystem is mounted (by [`FreshFs::remake`]).
+    pub fn mount_point(&self) -> &Path {
+        &self.mnt
+    }
+
+    /// Unmount and free the loop device. A process that has just been
+    /// killed (an rsync daemon's connection child) may hold the mount for a
+    /// moment: retried for a few seconds, then an error.
+    fn unmount(&mut self) -> Result<()> {
+        let Some(dev) = self.mounted.take() else {
+            return Ok(());
+        };
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let st = Command::new("umount").arg(&self.mnt).status()?;
+            if st.success() {
+                break;
+            }
+            if std::time::Instant::now() > end {
+                self.mounted = Some(dev);
+                anyhow::bail!("cannot unmount {}: still busy", self.mnt.display());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
         }
+        let _ = Command::new("losetup").arg("-d").arg(&dev).status();
+        Ok(())
     }
 }
 
 impl Drop for FreshFs {
     fn drop(&mut self) {
-        self.unmount();
+        let _ = self.unmount();
         let _ = std::fs::remove_file(&self.image);
         let _ = std::fs::remove_dir(&self.mnt);
     }
