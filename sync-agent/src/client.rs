@@ -154,13 +154,20 @@ async fn finish(
     conn: Connection,
     outcome: crate::driver::DriveOutcome,
 ) -> RemoteOutcome {
-    conn.close(0u32.into(), b"done");
     let stats = conn.stats();
+    conn.close(0u32.into(), b"done");
     tracing::debug!(?stats, "connection closed");
-    // The close frame leaves with the endpoint's next send, well within
-    // this; waiting out the whole draining period (3 PTO: ~80 ms even on
-    // loopback, with the peer's 25 ms ack delay) only delayed the exit.
-    let _ = tokio::time::timeout(CLOSE_GRACE, endpoint.wait_idle()).await;
+    // Wait until the close frame is out (the connection's driver sends it
+    // on its next turn, as one datagram), not for the whole draining period (3 PTO: ~80 ms
+    // even on loopback, with the peer's 25 ms ack delay), which only
+    // delayed the exit.
+    // Once closed, a connection sends only close packets: the first
+    // datagram counted after `stats` (taken just before) is it.
+    let deadline = Instant::now() + CLOSE_GRACE;
+    while conn.stats().udp_tx.datagrams == stats.udp_tx.datagrams && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    drop(endpoint);
     let result = outcome.result.map_err(|e| match e {
         DriveError::Lost(m) => DriveError::Lost(explain(&m)),
         other => other,
