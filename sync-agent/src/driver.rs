@@ -598,7 +598,11 @@ pub async fn drive_source(
     tracing::debug!("source loop ended");
     drop(ctl_tx);
     drop(data_tx);
-    if matches!(outcome, Some(Err(DriveError::Lost(_)))) {
+    // Lost, nothing more goes through; succeeded, the sink has confirmed
+    // the result, so waiting for it to acknowledge the streams' last bytes
+    // (up to its 25 ms ack delay) would only delay the end. After an error
+    // the writers flush, so that the peer reads why.
+    if matches!(outcome, Some(Err(DriveError::Lost(_))) | Some(Ok(_))) {
         for w in &writers {
             w.abort();
         }

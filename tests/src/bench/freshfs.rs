@@ -153,7 +153,14 @@ impl FreshFs {
 
 impl Drop for FreshFs {
     fn drop(&mut self) {
-        let _ = self.unmount();
+        if self.unmount().is_err() {
+            // Still held after the retries: detach it lazily (it goes away
+            // with its last user) rather than leave it mounted.
+            if let Some(dev) = self.mounted.take() {
+                let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+                let _ = Command::new("losetup").arg("-d").arg(&dev).status();
+            }
+        }
         let _ = std::fs::remove_file(&self.image);
         let _ = std::fs::remove_dir(&self.mnt);
     }
