@@ -194,7 +194,7 @@ pub fn save(
     }
     let links: Vec<_> = links
         .iter()
-        .filter(|(_, t)| t.len() <= MAX_TARGET)
+        .filter(|(_, t)| !t.is_empty() && t.len() <= MAX_TARGET)
         .collect();
     out.extend_from_slice(&(links.len() as u64).to_le_bytes());
     for (k, target) in links {
