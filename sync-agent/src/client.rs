@@ -157,12 +157,10 @@ async fn finish(
     let stats = conn.stats();
     conn.close(0u32.into(), b"done");
     tracing::debug!(?stats, "connection closed");
-    // Wait until the close frame is out (the connection's driver sends it
-    // on its next turn, as one datagram), not for the whole draining period (3 PTO: ~80 ms
-    // even on loopback, with the peer's 25 ms ack delay), which only
-    // delayed the exit.
-    // Once closed, a connection sends only close packets: the first
-    // datagram counted after `stats` (taken just before) is it.
+    // Wait until the close packet is out (the connection's driver sends it
+    // on its next turn), not for the whole draining period (3 PTO: ~80 ms
+    // even on loopback), which only delayed the exit. A closed connection
+    // sends nothing else: the first datagram counted after `stats` is it.
     let deadline = Instant::now() + CLOSE_GRACE;
     while conn.stats().udp_tx.datagrams == stats.udp_tx.datagrams && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(1)).await;

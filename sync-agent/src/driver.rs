@@ -226,13 +226,15 @@ enum Job {
     Planned,
 }
 
-/// Runs its closure when dropped.
-struct Defer<F: FnMut()>(F);
-
-impl<F: FnMut()> Drop for Defer<F> {
-    fn drop(&mut self) {
-        (self.0)()
+/// Stage one batch of received chunks (each already checked against its id
+/// by the session) and hand them to the kernel: acknowledged chunks survive
+/// a restart of this process; the commit makes what the tree needs durable.
+fn stage_batch(r: &mut Receiver, batch: &[(ChunkId, Vec<u8>)]) -> Result<Vec<ChunkId>, String> {
+    for (id, data) in batch {
+        r.stage_checked(*id, data).map_err(|e| e.to_string())?;
     }
+    r.persist_staging().map_err(|e| e.to_string())?;
+    Ok(batch.iter().map(|(id, _)| *id).collect())
 }
 
 /// Aborts a task when dropped.
@@ -709,9 +711,9 @@ pub async fn drive_sink(
     let mut peer_err: Option<DriveError> = None;
     let mut input_open = true;
     let mut root_known = false;
-    // Where the transfer's time went (debug log): busy time of the staging
-    // and prebuild jobs, and the span from the first chunk to the last.
-    let busy = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
+    // Where the transfer's time went (debug log): the span from the first
+    // chunk to the last, and the time the staging jobs took.
+    let staging_ns = Arc::new(AtomicU64::new(0));
     let mut span: Option<(Instant, Instant)> = None;
     loop {
         while let Some((_, f)) = session.poll_transmit() {
@@ -773,11 +775,9 @@ pub async fn drive_sink(
                     });
                 }
                 SinkEvent::Finished(s) => {
-                    let ms = |i: usize| busy[i].load(Ordering::Relaxed) / 1_000_000;
                     tracing::debug!(
                         transfer_ms = span.map_or(0, |(a, b)| (b - a).as_millis() as u64),
-                        staging_ms = ms(0),
-                        prebuild_ms = ms(1),
+                        staging_ms = staging_ns.load(Ordering::Relaxed) / 1_000_000,
                         "transfer"
                     );
                     tracing::info!(
@@ -819,36 +819,18 @@ pub async fn drive_sink(
             if let Some(b) = builder.filter(|_| prebuilding < PREBUILDS) {
                 prebuilding += 1;
                 let chunks = batch.clone();
-                let busy = busy.clone();
                 blocking(&mut jobs, move || {
-                    let t = Instant::now();
                     b.build(&chunks);
-                    busy[1].fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
                     Job::Prebuilt
                 });
             }
             let recv = io.recv.clone();
-            let busy = busy.clone();
+            let staging_ns = staging_ns.clone();
             blocking(&mut jobs, move || {
                 let t = Instant::now();
-                let _busy = Defer(move || {
-                    busy[0].fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
-                });
-                let mut r = recv.lock().expect("receiver lock");
-                let mut ids = Vec::with_capacity(batch.len());
-                for (id, data) in batch.iter() {
-                    // The session checked each chunk against its id.
-                    if let Err(e) = r.stage_checked(*id, data) {
-                        return Job::Stored(Err(format!("staging failed: {e}")));
-                    }
-                    ids.push(*id);
-                }
-                // Acknowledged chunks survive a restart of this process;
-                // the commit makes what the tree needs durable.
-                match r.persist_staging() {
-                    Ok(()) => Job::Stored(Ok(ids)),
-                    Err(e) => Job::Stored(Err(format!("staging failed: {e}"))),
-                }
+                let staged = stage_batch(&mut recv.lock().expect("receiver lock"), &batch);
+                staging_ns.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                Job::Stored(staged.map_err(|e| format!("staging failed: {e}")))
             });
         }
         if let Some(p) = &opts.progress {

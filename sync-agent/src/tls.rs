@@ -2,7 +2,8 @@
 //! certificate fingerprint is allowed by some tree's ACL, and a client talks
 //! only to the server fingerprint it pinned. Signatures are still verified
 //! with the provider's algorithms, so possession of the key is proven.
-//! Builds rustls and quinn configs; no IO.
+//! Builds rustls and quinn configs, and the UDP sockets they run on
+//! (sized to the route to the peer).
 
 use std::collections::HashSet;
 use std::net::SocketAddr;

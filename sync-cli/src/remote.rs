@@ -151,13 +151,8 @@ pub fn push(o: PushOptions) -> Outcome {
     let scan_started = Instant::now();
     let scanned = crate::push::scan_source(&o);
     phase.finish();
-    let scanned = match scanned {
-        Ok(s) => s,
-        Err(e) => {
-            early.abort();
-            return Err(e);
-        }
-    };
+    // On an error, dropping the runtime cancels the handshake.
+    let scanned = scanned?;
     tracing::debug!(ms = start.elapsed().as_millis() as u64, "source scanned");
     let progress = Arc::new(Progress::default());
     let bar = Bar::start(&rt, !o.json, "sent", progress.clone());

@@ -246,13 +246,8 @@ impl Prebuilder {
     /// until all are made or the builder is closed. Meant to run beside
     /// the transfer; one that fails is left to the commit.
     pub fn link(&self) {
-        let Some(fresh) = self.scratch.fresh.as_ref() else {
+        let Some(inner) = self.scratch.in_fresh(self.owners) else {
             return;
-        };
-        let inner = Applier {
-            root: fresh,
-            fresh: None,
-            ..self.scratch.applier(fresh, self.owners)
         };
         let mut linked = self.linked.lock().unwrap_or_else(|e| e.into_inner());
         let mut last = None;
@@ -529,7 +524,7 @@ impl Receiver {
         }
         let owners = opts.owners && rustix::process::geteuid().is_root();
         let scratch = self.scratch(&plan)?;
-        if let Some(inner) = scratch.applier(&self.root, owners).in_fresh() {
+        if let Some(inner) = scratch.in_fresh(owners) {
             build_skeleton(&inner, &plan)?;
         }
         let builder = Arc::new(Prebuilder {
@@ -930,6 +925,12 @@ impl Scratch {
             owners,
             fresh: self.fresh.as_ref(),
         }
+    }
+
+    /// The applier of the fresh subtrees alone (`tmp/t` as its root), if
+    /// the plan has any.
+    fn in_fresh(&self, owners: bool) -> Option<Applier<'_>> {
+        self.applier(self.fresh.as_ref()?, owners).in_fresh()
     }
 }
 
