@@ -486,6 +486,7 @@ pub async fn drive_source(
     let mut jobs: JoinSet<Job> = JoinSet::new();
     let mut peer_err: Option<DriveError> = None;
     let mut input_open = true;
+    let mut marks = Marks::new(SOURCE_STEPS);
     loop {
         while let Some((ch, f)) = session.poll_transmit() {
             if outcome.is_some() {
@@ -498,8 +499,13 @@ pub async fn drive_source(
         }
         while let Some(ev) = session.poll_event() {
             match ev {
-                SourceEvent::ReadChunks(ids) => to_read.extend(ids),
+                SourceEvent::ReadChunks(ids) => {
+                    marks.set(source_step::WANTS);
+                    to_read.extend(ids)
+                }
                 SourceEvent::Finished(s) => {
+                    marks.set(source_step::FINISHED);
+                    tracing::debug!(phases = %marks, "source steps");
                     tracing::info!(chunks = s.chunks_sent, bytes = s.bytes_sent, "sent");
                     outcome = Some(Ok(s));
                 }
@@ -520,6 +526,9 @@ pub async fn drive_source(
             blocking(&mut jobs, move || {
                 Job::Indexed(locator.build_within(&fetched))
             });
+        }
+        if io.locator.get().is_some() {
+            marks.set(source_step::INDEXED);
         }
         while let Some(locator) = io.locator.get().filter(|_| {
             outcome.is_none()
@@ -562,6 +571,10 @@ pub async fn drive_source(
                 Ok(Job::Read(r)) => {
                     // (A failed worker of any job reads as a failed read.)
                     reading = reading.saturating_sub(1);
+                    marks.set(source_step::READ);
+                    if to_read.is_empty() && reading == 0 {
+                        marks.set(source_step::LAST_READ);
+                    }
                     match r {
                         Ok(chunks) => { let _ = session.send_chunks(chunks); }
                         Err(m) => session.abort(ErrorCode::Internal, m),
@@ -575,7 +588,11 @@ pub async fn drive_source(
                 Err(_) => lost(&mut outcome, &mut ctl_out, &mut data_out, "control stream writer failed"),
             },
             p = data_tx[next].reserve(), if data_free => match p {
-                Ok(p) => { p.send(data_out.pop_front().expect("not empty")); rr += 1; }
+                Ok(p) => {
+                    p.send(data_out.pop_front().expect("not empty"));
+                    rr += 1;
+                    marks.at[source_step::LAST_SENT] = Some(Instant::now());
+                }
                 Err(_) => lost(&mut outcome, &mut ctl_out, &mut data_out, "data stream writer failed"),
             },
             i = in_rx.recv(), if input_open && outcome.is_none() => match i {
@@ -629,6 +646,82 @@ fn lost<T>(
     if outcome.is_none() {
         *outcome = Some(Err(DriveError::Lost(msg.to_string())));
     }
+}
+
+/// Moments of a session, for the debug log: where its time went. Each
+/// is the first time its step happened, in ms from the start.
+struct Marks {
+    start: Instant,
+    names: &'static [&'static str],
+    at: Vec<Option<Instant>>,
+}
+
+impl Marks {
+    fn new(names: &'static [&'static str]) -> Marks {
+        Marks {
+            start: Instant::now(),
+            names,
+            at: vec![None; names.len()],
+        }
+    }
+
+    fn set(&mut self, step: usize) {
+        self.at[step].get_or_insert_with(Instant::now);
+    }
+}
+
+impl std::fmt::Display for Marks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (name, at) in self.names.iter().zip(&self.at) {
+            if let Some(t) = at {
+                write!(f, "{name}@{} ", (*t - self.start).as_millis())?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The sink's steps: tree objects fetched (it asks which chunks it
+/// lacks), chunk wants out, commit planned ahead, every chunk staged
+/// (the commit starts), committed.
+const SINK_STEPS: &[&str] = &[
+    "trees",
+    "wants",
+    "planned",
+    "first-chunk",
+    "last-chunk",
+    "staged",
+    "commit",
+    "committed",
+];
+mod sink_step {
+    pub const TREES: usize = 0;
+    pub const WANTS: usize = 1;
+    pub const PLANNED: usize = 2;
+    pub const FIRST_CHUNK: usize = 3;
+    pub const LAST_CHUNK: usize = 4;
+    pub const STAGED: usize = 5;
+    pub const COMMIT: usize = 6;
+    pub const COMMITTED: usize = 7;
+}
+
+/// The source's steps: first chunk wants in, chunks located, first read
+/// done, last read done, result confirmed.
+const SOURCE_STEPS: &[&str] = &[
+    "wants",
+    "indexed",
+    "read",
+    "last-read",
+    "last-sent",
+    "finished",
+];
+mod source_step {
+    pub const WANTS: usize = 0;
+    pub const INDEXED: usize = 1;
+    pub const READ: usize = 2;
+    pub const LAST_READ: usize = 3;
+    pub const LAST_SENT: usize = 4;
+    pub const FINISHED: usize = 5;
 }
 
 /// Load tree objects an interrupted session kept in `state`.
@@ -715,6 +808,7 @@ pub async fn drive_sink(
     // chunk to the last, and the time the staging jobs took.
     let staging_ns = Arc::new(AtomicU64::new(0));
     let mut span: Option<(Instant, Instant)> = None;
+    let mut marks = Marks::new(SINK_STEPS);
     loop {
         while let Some((_, f)) = session.poll_transmit() {
             if outcome.is_none() {
@@ -730,6 +824,7 @@ pub async fn drive_sink(
         while let Some(ev) = session.poll_event() {
             match ev {
                 SinkEvent::NeedChunkCheck(list) => {
+                    marks.set(sink_step::TREES);
                     let recv = io.recv.clone();
                     blocking(&mut jobs, move || {
                         let r = recv.lock().expect("receiver lock");
@@ -741,11 +836,14 @@ pub async fn drive_sink(
                     });
                 }
                 SinkEvent::StoreChunks(chunks) => {
+                    marks.set(sink_step::FIRST_CHUNK);
+                    marks.at[sink_step::LAST_CHUNK] = Some(Instant::now());
                     let now = Instant::now();
                     span = Some((span.map_or(now, |s| s.0), now));
                     to_store.extend(chunks)
                 }
                 SinkEvent::Commit { manifest, .. } => {
+                    marks.set(sink_step::COMMIT);
                     let recv = io.recv.clone();
                     let copts = io.commit.clone();
                     let state = state_dir.clone();
@@ -778,6 +876,7 @@ pub async fn drive_sink(
                     tracing::debug!(
                         transfer_ms = span.map_or(0, |(a, b)| (b - a).as_millis() as u64),
                         staging_ms = staging_ns.load(Ordering::Relaxed) / 1_000_000,
+                        phases = %marks,
                         "transfer"
                     );
                     tracing::info!(
@@ -847,6 +946,7 @@ pub async fn drive_sink(
         tokio::select! {
             Some(j) = jobs.join_next() => match j {
                 Ok(Job::Missing(Ok(ids))) => {
+                    marks.set(sink_step::WANTS);
                     let fetching = !ids.is_empty();
                     let _ = session.chunks_missing(ids);
                     // Plan the commit while the first chunks are on their
@@ -870,12 +970,17 @@ pub async fn drive_sink(
                         });
                     }
                 }
-                Ok(Job::Stored(Ok(ids))) => { storing = false; let _ = session.chunks_stored(ids); }
-                Ok(Job::Committed(r)) => { let _ = session.commit_done(r); }
+                Ok(Job::Stored(Ok(ids))) => {
+                    storing = false;
+                    marks.at[sink_step::STAGED] = Some(Instant::now());
+                    let _ = session.chunks_stored(ids);
+                }
+                Ok(Job::Committed(r)) => { marks.set(sink_step::COMMITTED); let _ = session.commit_done(r); }
                 Ok(Job::Stored(Err(m))) => { storing = false; session.abort(ErrorCode::Internal, m) }
                 Ok(Job::Missing(Err(m)) | Job::Read(Err(m))) => session.abort(ErrorCode::Internal, m),
                 Ok(Job::Prebuilt) => prebuilding -= 1,
-                Ok(Job::Read(Ok(_)) | Job::Indexed(_) | Job::Planned) => {}
+                Ok(Job::Planned) => marks.set(sink_step::PLANNED),
+                Ok(Job::Read(Ok(_)) | Job::Indexed(_)) => {}
                 Err(e) => session.abort(ErrorCode::Internal, format!("worker failed: {e}")),
             },
             p = ctl_tx.reserve(), if !ctl_out.is_empty() => match p {

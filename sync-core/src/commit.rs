@@ -53,7 +53,7 @@ use crate::manifest::{lossy, Entry, Kind, Manifest, ManifestError};
 use crate::plan::{NodeKind, Op, Place, PlanError, SyncPlan};
 use crate::safefs::{self, kind_of, lstat_at, Root, SafeFsError};
 use crate::session::ChunkLocator;
-use crate::state::{default_state_dir, Head, Journal, StateDir, StateError};
+use crate::state::{default_state_dir, unfinished_journal, Head, Journal, StateDir, StateError};
 use crate::store::{ChunkSource, Sources, Staging, StoreError, TreeChunks};
 use crate::verify::{verify, VerifyError, VerifyOptions, VerifyReport};
 
@@ -388,8 +388,8 @@ impl Receiver {
         let root = Arc::new(Root::open(&dest)?);
         let staging = Staging::open(&state.staging_dir())?;
         let cached = cache.and_then(|c| c.0.lock().ok()?.take());
-        let pending = state.path().join("journal").exists();
         let now = state.head()?;
+        let pending = unfinished_journal(state.path(), now.as_ref())?.is_some();
         let tree = OnceLock::new();
         let (committed, head) = match cached {
             Some(c) if !pending && Some(c.head) == now => {
@@ -505,7 +505,7 @@ impl Receiver {
         if let Some(p) = self.prebuild.take() {
             p.builder.close();
         }
-        if self.state.read_journal()?.is_some() {
+        if self.unfinished_journal()?.is_some() {
             return Ok(None);
         }
         self.clean_scratch()?;
@@ -612,7 +612,7 @@ impl Receiver {
         opts: &CommitOptions,
         extra: Option<&dyn ChunkSource>,
     ) -> Result<CommitSummary, CommitError> {
-        if self.state.read_journal()?.is_some() {
+        if self.unfinished_journal()?.is_some() {
             self.recover()?;
         }
         if plan.from != self.committed.snapshot() {
@@ -680,32 +680,35 @@ impl Receiver {
         // the flush, so its pages are discarded instead of written.
         self.staging.clear()?;
         let built = started.elapsed();
-        hit("before-syncfs");
-        rustix::fs::syncfs(&scratch.tmp).map_err(io_err("syncfs", b"tmp"))?;
-        hit("after-syncfs");
-        tracing::debug!(
-            build_ms = built.as_millis() as u64,
-            sync_ms = (started.elapsed() - built).as_millis() as u64,
-            "temporaries built and durable"
-        );
 
         // The new snapshot's tree objects that the log lacks, then the
-        // journal naming them: both small, whatever the tree's size.
+        // journal naming them: both small, whatever the tree's size. One
+        // sync of the filesystem makes them durable with the temporaries;
+        // only then does the journal come in force.
         let (gen, at) = self.log_end();
         let fresh = new
             .packed()
             .iter()
             .filter(|(id, _)| self.head.is_none() || !self.committed.contains_tree(id))
             .map(|(id, p)| (id, &p[..]));
-        let len = self.state.append_trees(gen, at, fresh)?;
+        let (_log, len) = self.state.write_trees(gen, at, fresh)?;
         hit("trees-appended");
-        self.state.write_journal(&Journal {
+        self.state.stage_journal(&Journal {
             from: plan.from,
             to: plan.to,
             plan_digest: digest,
             gen,
             len,
         })?;
+        hit("before-syncfs");
+        self.sync_state_fs(&scratch.tmp)?;
+        hit("after-syncfs");
+        tracing::debug!(
+            build_ms = built.as_millis() as u64,
+            sync_ms = (started.elapsed() - built).as_millis() as u64,
+            "temporaries built and durable"
+        );
+        self.state.publish_journal()?;
         hit("journal-written");
         let head = self.next_head(new.root(), gen, len);
         let mut summary = self.apply_and_finish(plan, new.clone(), head, owners)?;
@@ -752,6 +755,17 @@ impl Receiver {
         Ok(Scratch { tmp, trash, fresh })
     }
 
+    /// Sync the filesystem of the state directory (that of `tmp`, which
+    /// lies in it, and the directory's own if something is mounted there).
+    fn sync_state_fs(&self, tmp: &OwnedFd) -> Result<(), CommitError> {
+        rustix::fs::syncfs(tmp).map_err(io_err("syncfs", b"tmp"))?;
+        let dir = self.state.open_dir()?;
+        if !same_fs(tmp.as_fd(), dir.as_fd()) {
+            rustix::fs::syncfs(&dir).map_err(io_err("syncfs", b"state"))?;
+        }
+        Ok(())
+    }
+
     /// Empty `tmp/` and `trash/`.
     fn clean_scratch(&self) -> Result<(), CommitError> {
         for sub in ["tmp", "trash"] {
@@ -761,31 +775,29 @@ impl Receiver {
         Ok(())
     }
 
+    /// The journal of a commit not finished yet (the last commit's own
+    /// stays until the next one's replaces it).
+    fn unfinished_journal(&self) -> Result<Option<Journal>, CommitError> {
+        Ok(self
+            .state
+            .read_journal()?
+            .filter(|j| j.to != self.committed.snapshot()))
+    }
+
     /// Finish a journaled commit, if there is one.
     fn recover(&mut self) -> Result<Option<CommitSummary>, CommitError> {
-        let Some(j) = self.state.read_journal()? else {
+        let Some(j) = self.unfinished_journal()? else {
             return Ok(None);
         };
         let span = tracing::info_span!("roll-forward", to = %j.to.short());
         let _g = span.enter();
         tracing::warn!("finishing an interrupted commit");
-        if j.to != self.committed.snapshot() && j.from != self.committed.snapshot() {
+        if j.from != self.committed.snapshot() {
             return Err(CommitError::JournalMismatch {
                 state: self.state.path().into(),
                 journal_from: j.from,
                 committed: self.committed.snapshot(),
             });
-        }
-        if j.to == self.committed.snapshot() {
-            // Only the journal's removal was left to do.
-            self.state.remove_journal()?;
-            self.staging.clear()?;
-            self.clean_scratch()?;
-            return Ok(Some(CommitSummary {
-                root: Some(j.to),
-                rolled_forward: true,
-                ..CommitSummary::default()
-            }));
         }
         let (gen, at) = self.log_end();
         let damaged = |why: &str| StateError::Damaged {
@@ -827,9 +839,12 @@ impl Receiver {
 
         let applied = started.elapsed();
         hit("before-final-syncfs");
+        // The head is written beside the tree and synced with it; the
+        // journal still in force covers both until the head's rename.
+        self.state.stage_head(&head)?;
         rustix::fs::syncfs(self.root.fd()).map_err(io_err("syncfs", b"."))?;
         if !same_fs(self.root.fd(), scratch.tmp.as_fd()) {
-            rustix::fs::syncfs(&scratch.tmp).map_err(io_err("syncfs", b"tmp"))?;
+            self.sync_state_fs(&scratch.tmp)?;
         }
         tracing::debug!(
             apply_ms = applied.as_millis() as u64,
@@ -837,10 +852,10 @@ impl Receiver {
             "applied and durable"
         );
         hit("before-manifest-store");
-        self.state.store_head(&head)?;
-        hit("before-journal-delete");
-        self.state.remove_journal()?;
-        hit("journal-deleted");
+        // Not synced: the journal, which stays, finishes the commit again
+        // if the head's rename is lost; the next sync makes it durable.
+        self.state.publish_head()?;
+        hit("head-stored");
         if let Some(t) = self.tree.get_mut() {
             if let Err(e) = t.update(&self.committed, &new) {
                 tracing::warn!("chunk index dropped: {e}");
@@ -1826,6 +1841,51 @@ mod tests {
         let r = Receiver::open_cached(&dest, None, &cache).unwrap();
         assert_eq!(r.committed().root(), m.root());
         assert!(r.tree.get().is_none());
+    }
+
+    /// A commit keeps its journal (its removal could become durable before
+    /// the unsynced rename of the head): while the head names the journal's
+    /// target it is nothing to do, and if the head's rename is lost the
+    /// journal finishes the commit again.
+    #[test]
+    fn the_last_journal_stays_and_covers_a_lost_head() {
+        let t = tempfile::tempdir().unwrap();
+        let (src, dest) = (t.path().join("src"), t.path().join("dest"));
+        std::fs::create_dir_all(src.join("repo")).unwrap();
+        std::fs::write(src.join("repo/a"), b"one").unwrap();
+        // Enough trees that the second commit's do not make the log due
+        // for a rewrite (whose durable head would supersede the lost one).
+        for i in 0..20 {
+            std::fs::create_dir_all(src.join(format!("old/{i}"))).unwrap();
+        }
+        let opts = CommitOptions::default();
+        let m1 = scan(&src);
+        push_local(&m1, &src, &mut Receiver::open(&dest, None).unwrap(), &opts).unwrap();
+        let state = default_state_dir(&dest.canonicalize().unwrap()).unwrap();
+        let head1 = std::fs::read(state.join("head")).unwrap();
+
+        std::fs::write(src.join("repo/b"), b"two").unwrap();
+        std::os::unix::fs::symlink("repo", src.join("current")).unwrap();
+        let m2 = scan(&src);
+        push_local(&m2, &src, &mut Receiver::open(&dest, None).unwrap(), &opts).unwrap();
+        let j = crate::state::StateDir::open(&state, &dest.canonicalize().unwrap())
+            .unwrap()
+            .read_journal()
+            .unwrap()
+            .expect("the journal stays");
+        assert_eq!(j.to, m2.snapshot());
+        assert_eq!(crate::state::peek_committed_root(&state), Some(m2.root()));
+        let r = Receiver::open(&dest, None).unwrap();
+        assert!(r.recovered().is_none(), "nothing to finish");
+        drop(r);
+
+        // The head's rename lost (a power loss before any later sync).
+        std::fs::write(state.join("head"), head1).unwrap();
+        assert_eq!(crate::state::peek_committed_root(&state), None);
+        let r = Receiver::open(&dest, None).unwrap();
+        assert!(r.recovered().is_some_and(|s| s.rolled_forward));
+        assert_eq!(r.committed().root(), m2.root());
+        assert!(r.verify(&VerifyOptions::default()).unwrap().is_clean());
     }
 
     /// The applier itself refuses hostile paths, even in a plan that never

@@ -3,15 +3,17 @@
 //! the commit engine applies it. Built from [`crate::diff::diff`]; easy to
 //! print for `--dry-run`, to test and to fuzz. No IO.
 
+use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt;
+use std::rc::Rc;
 
 use serde::Serialize;
 
 use crate::chunk::chunk_spans;
 use crate::diff::{diff, Change};
-use crate::hash::{ChunkId, SnapshotId};
-use crate::manifest::{lossy, Entry, Kind, Manifest, ManifestError};
+use crate::hash::{ChunkId, SnapshotId, TreeId};
+use crate::manifest::{lossy, Entry, Kind, Manifest, ManifestError, Tree};
 use crate::safefs::split;
 
 /// Why a plan could not be built.
@@ -183,9 +185,14 @@ impl SyncPlan {
             }
         }
         let roots = fresh_roots(&p.mkdirs);
+        // A symlink in a fresh subtree is made there (visible with the
+        // subtree, before the apply) when what it points at is complete
+        // from then on: inside the same subtree, or an entry that the plan
+        // leaves alone (as a build's links to other builds' packages).
+        let untouched = Untouched::new(old, new);
         let (waves, inside) = order_symlinks(&mut p.symlinks, |link, to| {
             let k = root_of(&roots, split(link).0);
-            k.is_some() && k == root_of(&roots, to)
+            k.is_some() && (k == root_of(&roots, to) || untouched.check(to))
         });
         p.symlink_waves = waves;
         // Symlinks go first so none is left pointing into a removed subtree.
@@ -466,6 +473,82 @@ pub fn resolve_target(link: &[u8], target: &[u8]) -> Option<Vec<u8>> {
         }
     }
     Some(parts.join(&b'/'))
+}
+
+/// Tells whether a path names the same file or directory (with all of
+/// its subtree) in `old` and `new`, reached through directories only in
+/// both: nothing a plan between them does changes what it names. Each tree
+/// object is decoded once, and below a directory the two snapshots share
+/// only one of them is read.
+struct Untouched<'a> {
+    old: &'a Manifest,
+    new: &'a Manifest,
+    trees: RefCell<HashMap<(bool, TreeId), Rc<Tree>>>,
+}
+
+impl<'a> Untouched<'a> {
+    fn new(old: &'a Manifest, new: &'a Manifest) -> Untouched<'a> {
+        Untouched {
+            old,
+            new,
+            trees: RefCell::default(),
+        }
+    }
+
+    fn tree(&self, in_new: bool, id: TreeId) -> Option<Rc<Tree>> {
+        if let Some(t) = self.trees.borrow().get(&(in_new, id)) {
+            return Some(t.clone());
+        }
+        let m = if in_new { self.new } else { self.old };
+        let t = Rc::new(m.tree(&id).ok()?);
+        self.trees.borrow_mut().insert((in_new, id), t.clone());
+        Some(t)
+    }
+
+    fn check(&self, path: &[u8]) -> bool {
+        if path.is_empty() {
+            return false;
+        }
+        let (mut old, mut new) = (self.old.root(), self.new.root());
+        let mut comps = path.split(|&c| c == b'/').peekable();
+        while let Some(name) = comps.next() {
+            let shared = old == new;
+            let Some(n) = self.tree(true, new) else {
+                return false;
+            };
+            let Some(e) = n.get(name) else {
+                return false;
+            };
+            if !shared {
+                let Some(o) = self.tree(false, old) else {
+                    return false;
+                };
+                let Some(eo) = o.get(name) else {
+                    return false;
+                };
+                if comps.peek().is_none() && eo != e {
+                    return false;
+                }
+                match eo.kind {
+                    Kind::Dir { tree } => old = tree,
+                    _ if comps.peek().is_some() => return false,
+                    _ => {}
+                }
+            }
+            match e.kind {
+                Kind::Dir { tree } => {
+                    new = tree;
+                    if shared {
+                        old = tree;
+                    }
+                }
+                Kind::Symlink { .. } => return false,
+                _ if comps.peek().is_some() => return false,
+                _ => {}
+            }
+        }
+        true
+    }
 }
 
 /// Order symlink flips so that a symlink comes after every new symlink
@@ -793,7 +876,8 @@ mod tests {
     }
 
     /// New directories whose parent was there are built whole: their
-    /// contents are `Inside`, symlinks only when all they lead to is too,
+    /// contents are `Inside`, symlinks only when all they lead to is too
+    /// or is left alone by the plan (reached through directories only),
     /// and directory metadata only when nothing comes into it later.
     #[test]
     fn fresh_subtrees_and_what_is_built_inside_them() {
@@ -801,10 +885,35 @@ mod tests {
         let mut a = Manifest::empty();
         a.set_entry(b"r", Some(d(b"r", 0o755))).unwrap();
         a.set_entry(b"k", Some(file(b"k", b"was a file"))).unwrap();
-        let mut b = a.clone();
         let add =
             |m: &mut Manifest, path: &str, e: Entry| m.set_entry(path.as_bytes(), Some(e)).unwrap();
+        // Entries the new subtree's links may point at.
+        add(&mut a, "pkgs", d(b"pkgs", 0o755));
+        add(&mut a, "pkgs/p.rpm", file(b"p.rpm", b"kept"));
+        add(&mut a, "grows", d(b"grows", 0o755));
+        add(&mut a, "grows/old.rpm", file(b"old.rpm", b"old"));
+        add(&mut a, "lnk", link(b"lnk", b"pkgs"));
+        add(&mut a, "ch", file(b"ch", b"before"));
+        let mut b = a.clone();
+        add(&mut b, "grows/new.rpm", file(b"new.rpm", b"new"));
+        add(&mut b, "ch", file(b"ch", b"after"));
         add(&mut b, "r/new", d(b"new", 0o755));
+        for (name, to) in [
+            ("keep", "../../pkgs/p.rpm"),
+            ("keepdir", "../../pkgs"),
+            ("inchanged", "../../grows/old.rpm"),
+            ("grown", "../../grows"),
+            ("changed", "../../ch"),
+            ("tosym", "../../lnk"),
+            ("viasym", "../../lnk/p.rpm"),
+            ("missing", "../../nothere"),
+        ] {
+            add(
+                &mut b,
+                &format!("r/new/{name}"),
+                link(name.as_bytes(), to.as_bytes()),
+            );
+        }
         add(&mut b, "r/new/f", file(b"f", b"f"));
         add(&mut b, "r/new/sub", d(b"sub", 0o755));
         add(&mut b, "r/new/sub/g", file(b"g", b"g"));
@@ -838,17 +947,32 @@ mod tests {
         );
         assert_eq!(
             by(&p.files, s(&p.fresh.files)),
-            ["k/f false", "r/new/f true", "r/new/sub/g true", "top false"]
+            [
+                "ch false",
+                "grows/new.rpm false",
+                "k/f false",
+                "r/new/f true",
+                "r/new/sub/g true",
+                "top false"
+            ]
         );
         let mut links = by(&p.symlinks, s(&p.fresh.symlinks));
         links.sort();
         assert_eq!(
             links,
             [
+                "r/new/changed false",
+                "r/new/grown false",
                 "r/new/in true",
+                "r/new/inchanged true",
+                "r/new/keep true",
+                "r/new/keepdir true",
+                "r/new/missing false",
                 "r/new/out false",
                 "r/new/sub/l2 true",
-                "r/new/sub2/chain false"
+                "r/new/sub2/chain false",
+                "r/new/tosym false",
+                "r/new/viasym false"
             ]
         );
         let mut meta = by(&p.dir_meta, s(&p.fresh.dir_meta));
@@ -856,6 +980,7 @@ mod tests {
         assert_eq!(
             meta,
             [
+                "grows false",
                 "k false",
                 "r false",
                 "r/new false",

@@ -61,10 +61,11 @@ pub fn peek_manifest(path: &Path) -> Result<Manifest, StateError> {
 /// if there is one and no commit is pending (no journal): lets an
 /// unchanged push stop after comparing roots.
 pub fn peek_committed_root(path: &Path) -> Option<crate::hash::TreeId> {
-    if path.join("journal").exists() {
+    let head = read_head(path).ok()?;
+    if unfinished_journal(path, head.as_ref()).ok()?.is_some() {
         return None;
     }
-    match read_head(path).ok()? {
+    match head {
         Some(h) => Some(h.root),
         None => {
             let mut head = [0u8; 38];
@@ -127,6 +128,27 @@ impl Head {
 }
 
 /// The head of the state directory `path`, if one was written.
+/// The journal in the state directory `path` if it is of a commit not
+/// finished yet: one leading to another snapshot than `head` (the one on
+/// disk). The last finished commit's own journal stays until the next
+/// commit's replaces it: removing it could become durable before the
+/// head's rename, which is not synced.
+pub fn unfinished_journal(path: &Path, head: Option<&Head>) -> Result<Option<Journal>, StateError> {
+    Ok(read_journal(path)?
+        .filter(|j| head.is_none_or(|h| h.root != crate::hash::TreeId::from(j.to))))
+}
+
+fn read_journal(path: &Path) -> Result<Option<Journal>, StateError> {
+    let p = path.join(JOURNAL_FILE);
+    match std::fs::read(&p) {
+        Ok(b) => Journal::decode(&b)
+            .map(Some)
+            .map_err(|why| StateError::Damaged { path: p, why }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(ioe("read", &p)(e)),
+    }
+}
+
 pub fn read_head(path: &Path) -> Result<Option<Head>, StateError> {
     let p = path.join(HEAD_FILE);
     match std::fs::read(&p) {
@@ -275,6 +297,7 @@ pub fn sync_dir(dir: &Path) -> Result<(), StateError> {
         .map_err(ioe("fsync", dir))
 }
 
+const JOURNAL_FILE: &str = "journal";
 const JOURNAL_MAGIC: [u8; 4] = *b"SYJN";
 const JOURNAL_VERSION: u16 = 2;
 const JOURNAL_LEN: usize = 4 + 2 + 3 * 32 + 2 * 8 + 32;
@@ -478,6 +501,26 @@ impl StateDir {
         at: u64,
         trees: impl IntoIterator<Item = (&'a TreeId, &'a [u8])>,
     ) -> Result<u64, StateError> {
+        let (f, len) = self.write_trees(gen, at, trees)?;
+        let p = self.path.join(Head::log_name(gen));
+        f.sync_data().map_err(ioe("fsync", &p))?;
+        if at == 0 {
+            sync_dir(&self.path)?;
+        }
+        Ok(len)
+    }
+
+    /// [`StateDir::append_trees`] without making them durable: a commit
+    /// syncs the whole filesystem once for its temporaries, these trees
+    /// and its staged journal, before it publishes the journal (whose
+    /// rename is made durable with the log's name, in the same directory).
+    /// Returns the open log and its new length.
+    pub fn write_trees<'a>(
+        &self,
+        gen: u64,
+        at: u64,
+        trees: impl IntoIterator<Item = (&'a TreeId, &'a [u8])>,
+    ) -> Result<(File, u64), StateError> {
         let p = self.path.join(Head::log_name(gen));
         let f = OpenOptions::new()
             .read(true)
@@ -486,7 +529,6 @@ impl StateDir {
             .truncate(false)
             .open(&p)
             .map_err(ioe("open", &p))?;
-        let fresh = at == 0;
         f.set_len(at).map_err(ioe("truncate", &p))?;
         // Trees held uncompressed are compressed here, on every core.
         let trees: Vec<(&TreeId, &[u8])> = trees.into_iter().collect();
@@ -504,11 +546,7 @@ impl StateDir {
         }
         crashpoint::check_write().map_err(ioe("write", &p))?;
         std::os::unix::fs::FileExt::write_all_at(&f, &buf, at).map_err(ioe("write", &p))?;
-        f.sync_data().map_err(ioe("fsync", &p))?;
-        if fresh {
-            sync_dir(&self.path)?;
-        }
-        Ok(at + buf.len() as u64)
+        Ok((f, at + buf.len() as u64))
     }
 
     /// Add the tree objects in bytes `from..to` of log `gen` to `m`.
@@ -556,28 +594,54 @@ impl StateDir {
     /// The journal of an interrupted commit. A damaged journal cannot come
     /// from us (it is written atomically), so it is an error, not ignored.
     pub fn read_journal(&self) -> Result<Option<Journal>, StateError> {
-        let p = self.path.join("journal");
-        match std::fs::read(&p) {
-            Ok(b) => Journal::decode(&b)
-                .map(Some)
-                .map_err(|why| StateError::Damaged { path: p, why }),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(ioe("read", &p)(e)),
-        }
+        read_journal(&self.path)
     }
 
-    pub fn write_journal(&self, j: &Journal) -> Result<(), StateError> {
-        write_atomic(&self.path, "journal", &j.encode())
+    /// Write `j` as `journal.new`, not yet synced nor in force: the caller
+    /// makes it durable with the data it names, then publishes it with
+    /// [`StateDir::publish_journal`].
+    pub fn stage_journal(&self, j: &Journal) -> Result<(), StateError> {
+        self.stage_file(JOURNAL_FILE, &j.encode())
     }
 
-    pub fn remove_journal(&self) -> Result<(), StateError> {
-        let p = self.path.join("journal");
-        match std::fs::remove_file(&p) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(ioe("remove", &p)(e)),
-        }
+    /// Put the staged journal in force, durably (its rename and the names
+    /// of files created beside it since the last sync).
+    pub fn publish_journal(&self) -> Result<(), StateError> {
+        self.publish(JOURNAL_FILE)
+    }
+
+    /// Write `head` as `head.new`, not yet synced nor in force: the caller
+    /// makes it durable with the tree it names, then publishes it with
+    /// [`StateDir::publish_head`].
+    pub fn stage_head(&self, head: &Head) -> Result<(), StateError> {
+        self.stage_file(HEAD_FILE, &head.encode())
+    }
+
+    /// Put the staged head in force, by a rename that is not synced: the
+    /// caller keeps the journal that leads to it until a later sync.
+    pub fn publish_head(&self) -> Result<(), StateError> {
+        let dst = self.path.join(HEAD_FILE);
+        std::fs::rename(self.path.join(format!("{HEAD_FILE}.new")), &dst)
+            .map_err(ioe("rename", &dst))
+    }
+
+    fn stage_file(&self, name: &str, data: &[u8]) -> Result<(), StateError> {
+        let tmp = self.path.join(format!("{name}.new"));
+        let mut f = File::create(&tmp).map_err(ioe("create", &tmp))?;
+        crashpoint::check_write().map_err(ioe("write", &tmp))?;
+        f.write_all(data).map_err(ioe("write", &tmp))
+    }
+
+    fn publish(&self, name: &str) -> Result<(), StateError> {
+        let dst = self.path.join(name);
+        std::fs::rename(self.path.join(format!("{name}.new")), &dst)
+            .map_err(ioe("rename", &dst))?;
         sync_dir(&self.path)
+    }
+
+    /// The state directory itself, opened (to sync its filesystem).
+    pub fn open_dir(&self) -> Result<File, StateError> {
+        File::open(&self.path).map_err(ioe("open", &self.path))
     }
 }
 

@@ -112,6 +112,8 @@ pub struct Staging {
     pending: Vec<(ChunkId, Slot)>,
     /// Index bytes on disk (whole records).
     index_len: u64,
+    /// Chunks were written out since the last fsync.
+    unsynced: bool,
 }
 
 impl Staging {
@@ -169,6 +171,7 @@ impl Staging {
             buf: Vec::new(),
             pending: Vec::new(),
             index_len: good as u64,
+            unsynced: false,
         })
     }
 
@@ -212,7 +215,9 @@ impl Staging {
         self.slots.insert(id, slot);
         self.pending.push((id, slot));
         if self.buf.len() >= WRITE_BUFFER {
-            self.flush()?;
+            // The index follows the pack at once: a process killed between
+            // two batches' ends loses at most this write's chunks.
+            self.write_out(false)?;
         }
         Ok(())
     }
@@ -245,9 +250,10 @@ impl Staging {
     /// Write the buffered chunks, then the index records pointing at them
     /// (each fsynced first when `durable`).
     fn write_out(&mut self, durable: bool) -> Result<(), StoreError> {
-        if self.pending.is_empty() {
+        if self.pending.is_empty() && !(durable && self.unsynced) {
             return Ok(());
         }
+        self.unsynced = !durable;
         self.flush()?;
         if durable {
             self.pack.sync_data().map_err(self.pack_err("fsync"))?;
@@ -306,18 +312,19 @@ impl Staging {
     /// Drop every staged chunk (after a successful commit).
     pub fn clear(&mut self) -> Result<(), StoreError> {
         if self.index_len == 0 && self.written == 0 && self.slots.is_empty() {
-            // Nothing staged: no flush (it would wait for every dirty page
-            // of the filesystem, as a commit's data is being written).
             return Ok(());
         }
+        // Not synced: an index that comes back longer after a power loss
+        // points past the pack's end (cut off on open) or at chunks still
+        // whole, and read back they are checked.
         self.index.set_len(0).map_err(self.index_err("truncate"))?;
-        self.index.sync_data().map_err(self.index_err("fsync"))?;
         self.pack.set_len(0).map_err(self.pack_err("truncate"))?;
         self.slots.clear();
         self.pending.clear();
         self.buf.clear();
         self.written = 0;
         self.index_len = 0;
+        self.unsynced = false;
         Ok(())
     }
 }

@@ -252,7 +252,11 @@ fn kill_at(v1: &Path, v2: &Path, dest: &Path, points: &[u64]) -> (u32, u32) {
         let now = read_fs(dest);
         check_symlinks(&now, &fs1, &fs2, n);
         check_whole(&now, &fs2, b"repos/cc", n);
-        if !state.join("journal").exists() {
+        let head = sync_core::state::read_head(&state).unwrap();
+        if sync_core::state::unfinished_journal(&state, head.as_ref())
+            .unwrap()
+            .is_none()
+        {
             let committed = sync_core::state::peek_committed_root(&state).unwrap();
             if committed == scan_tree(v1).root() {
                 // Killed before the journal: the tree was not touched at all.
@@ -295,12 +299,15 @@ fn sigkill_at_every_crash_point_rolls_forward_or_leaves_the_old_tree() {
 fn sigkill_during_a_parallel_symlink_wave() {
     let t = tempfile::tempdir().unwrap();
     let (v1, v2, dest) = two_versions(t.path());
-    // Half point inside the new repository (made with it, before the
-    // journal), half out of it (made in the tree, after it is in place).
+    // A quarter point inside the new repository and a quarter at a
+    // package this snapshot leaves alone (both made with the repository,
+    // before the journal), half at the README it changes (made in the
+    // tree, after the repository is in place).
     for i in 0..3000 {
-        let to = match i % 2 {
+        let to = match i % 4 {
             0 => format!("../../pkg{:02}.rpm", i % 12),
-            _ => "../../../../aa/r1/a.rpm".to_string(),
+            1 => "../../../../aa/r1/a.rpm".to_string(),
+            _ => "../../../../../README".to_string(),
         };
         ln_s(&to, &v2, &format!("repos/cc/r3/farm/{:02}/l{i:04}", i % 7));
     }

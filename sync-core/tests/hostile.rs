@@ -163,8 +163,14 @@ fn symlinks_never_redirect_a_write() {
         .commit(&m3, &plan, &CommitOptions::default())
         .unwrap_err();
     assert!(err.to_string().contains("\"x\""), "{err}");
-    let journal = t.path().join(".dest.sync-state/journal");
-    assert!(!journal.exists(), "failed before the journal");
+    let state = t.path().join(".dest.sync-state");
+    let head = sync_core::state::read_head(&state).unwrap();
+    assert!(
+        sync_core::state::unfinished_journal(&state, head.as_ref())
+            .unwrap()
+            .is_none(),
+        "failed before the journal"
+    );
     assert!(
         empty_listing(&outside).is_empty(),
         "wrote through the symlink"
