@@ -46,8 +46,10 @@ const WRITE_QUEUE: usize = 2;
 pub const READ_BATCH: u64 = 4 << 20;
 /// Source read jobs running at once.
 pub const READS_IN_FLIGHT: usize = 2;
-/// Chunk bytes staged per job (each job ends with an fsync).
-const STORE_BATCH: usize = 1 << 20;
+/// Chunk bytes staged per job (into the page cache: they survive the
+/// process; what the tree needs is made durable by the commit). Jobs run
+/// one at a time, so a burst is staged in few of them.
+const STORE_BATCH: usize = 8 << 20;
 /// Staged batches at most waiting to have their files built ahead.
 const PREBUILDS: usize = 16;
 /// How long a finished stream waits for the peer to acknowledge its data.

@@ -27,6 +27,12 @@ pub struct SourceOptions {
     pub max_trees: usize,
 }
 
+/// Chunk bytes per `Chunks` frame, well below the wire's limit
+/// ([`MAX_CHUNK_BATCH`], which one largest chunk fills): the sink checks and
+/// stages the first frames while the next ones are on their way.
+const FRAME_TARGET: usize = 1 << 20;
+const _: () = assert!(FRAME_TARGET <= MAX_CHUNK_BATCH);
+
 impl Default for SourceOptions {
     fn default() -> Self {
         SourceOptions {
@@ -412,7 +418,7 @@ impl SourceSession {
         for (id, data) in chunks {
             self.pending.remove(&id);
             if !batch.is_empty()
-                && (bytes + data.len() > MAX_CHUNK_BATCH || batch.len() >= MAX_IDS_PER_MESSAGE)
+                && (bytes + data.len() > FRAME_TARGET || batch.len() >= MAX_IDS_PER_MESSAGE)
             {
                 self.flush_chunks(std::mem::take(&mut batch));
                 bytes = 0;
