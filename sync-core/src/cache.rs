@@ -52,16 +52,60 @@ pub struct HashCache {
     old: rustc_hash::FxHashMap<(u64, u64), Cached>,
     /// Symlinks: the loaded file, and where in it each record starts (read
     /// in place: no allocation per link when loading or dropping).
-    bytes: Vec<u8>,
+    bytes: Loaded,
     links: rustc_hash::FxHashMap<(u64, u64), usize>,
     /// Read intact from a file (an empty cache may also be one).
     loaded: bool,
 }
 
+/// The bytes of a loaded cache file: mapped (the page cache's own pages,
+/// ~0.5 ms for a 15 MB file of 100k entries, where reading it into fresh
+/// memory took ~8 ms of a 130 ms unchanged push), or read where mapping
+/// fails.
+#[derive(Default)]
+enum Loaded {
+    #[default]
+    Empty,
+    Read(Vec<u8>),
+    Mapped(memmap2::Mmap),
+}
+
+impl Loaded {
+    fn open(path: &Path) -> std::io::Result<Loaded> {
+        let f = std::fs::File::open(path)?;
+        // SAFETY: the mapping is read-only and private. The cache is
+        // replaced only by renaming a new file over it (see [`save`]), so
+        // the mapped inode keeps its contents while mapped; only a file
+        // truncated in place by hand could fault on access.
+        match unsafe { memmap2::MmapOptions::new().populate().map(&f) } {
+            Ok(m) => Ok(Loaded::Mapped(m)),
+            Err(_) => std::fs::read(path).map(Loaded::Read),
+        }
+    }
+}
+
+impl std::ops::Deref for Loaded {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Loaded::Empty => &[],
+            Loaded::Read(v) => v,
+            Loaded::Mapped(m) => m,
+        }
+    }
+}
+
+impl std::fmt::Debug for Loaded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} bytes", self.len())
+    }
+}
+
 impl HashCache {
     /// Load a cache file; a missing or damaged file gives an empty cache.
     pub fn load(path: &Path) -> HashCache {
-        match std::fs::read(path) {
+        match Loaded::open(path) {
             Ok(bytes) => match decode(&bytes) {
                 Some((old, links)) => HashCache {
                     old,
