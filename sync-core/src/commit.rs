@@ -691,7 +691,7 @@ impl Receiver {
             .iter()
             .filter(|(id, _)| self.head.is_none() || !self.committed.contains_tree(id))
             .map(|(id, p)| (id, &p[..]));
-        let (_log, len) = self.state.write_trees(gen, at, fresh)?;
+        let len = self.state.write_trees(gen, at, fresh)?;
         hit("trees-appended");
         self.state.stage_journal(&Journal {
             from: plan.from,
@@ -701,7 +701,8 @@ impl Receiver {
             len,
         })?;
         hit("before-syncfs");
-        self.sync_state_fs(&scratch.tmp)?;
+        let state_dir = self.state.open_dir()?;
+        sync_filesystems(&[scratch.tmp.as_fd(), state_dir.as_fd()])?;
         hit("after-syncfs");
         tracing::debug!(
             build_ms = built.as_millis() as u64,
@@ -755,17 +756,6 @@ impl Receiver {
         Ok(Scratch { tmp, trash, fresh })
     }
 
-    /// Sync the filesystem of the state directory (that of `tmp`, which
-    /// lies in it, and the directory's own if something is mounted there).
-    fn sync_state_fs(&self, tmp: &OwnedFd) -> Result<(), CommitError> {
-        rustix::fs::syncfs(tmp).map_err(io_err("syncfs", b"tmp"))?;
-        let dir = self.state.open_dir()?;
-        if !same_fs(tmp.as_fd(), dir.as_fd()) {
-            rustix::fs::syncfs(&dir).map_err(io_err("syncfs", b"state"))?;
-        }
-        Ok(())
-    }
-
     /// Empty `tmp/` and `trash/`.
     fn clean_scratch(&self) -> Result<(), CommitError> {
         for sub in ["tmp", "trash"] {
@@ -778,10 +768,7 @@ impl Receiver {
     /// The journal of a commit not finished yet (the last commit's own
     /// stays until the next one's replaces it).
     fn unfinished_journal(&self) -> Result<Option<Journal>, CommitError> {
-        Ok(self
-            .state
-            .read_journal()?
-            .filter(|j| j.to != self.committed.snapshot()))
+        Ok(unfinished_journal(self.state.path(), self.head.as_ref())?)
     }
 
     /// Finish a journaled commit, if there is one.
@@ -842,10 +829,8 @@ impl Receiver {
         // The head is written beside the tree and synced with it; the
         // journal still in force covers both until the head's rename.
         self.state.stage_head(&head)?;
-        rustix::fs::syncfs(self.root.fd()).map_err(io_err("syncfs", b"."))?;
-        if !same_fs(self.root.fd(), scratch.tmp.as_fd()) {
-            self.sync_state_fs(&scratch.tmp)?;
-        }
+        let state_dir = self.state.open_dir()?;
+        sync_filesystems(&[self.root.fd(), scratch.tmp.as_fd(), state_dir.as_fd()])?;
         tracing::debug!(
             apply_ms = applied.as_millis() as u64,
             sync_ms = (started.elapsed() - applied).as_millis() as u64,
@@ -893,11 +878,17 @@ impl Receiver {
     }
 }
 
-fn same_fs(a: BorrowedFd<'_>, b: BorrowedFd<'_>) -> bool {
-    match (rustix::fs::fstat(a), rustix::fs::fstat(b)) {
-        (Ok(x), Ok(y)) => x.st_dev == y.st_dev,
-        _ => false,
+/// `syncfs` each filesystem that one of `fds` lies on, once.
+fn sync_filesystems(fds: &[BorrowedFd<'_>]) -> Result<(), CommitError> {
+    let mut done = Vec::with_capacity(fds.len());
+    for fd in fds {
+        let dev = rustix::fs::fstat(fd).map_err(io_err("stat", b"."))?.st_dev;
+        if !done.contains(&dev) {
+            rustix::fs::syncfs(fd).map_err(io_err("syncfs", b"."))?;
+            done.push(dev);
+        }
     }
+    Ok(())
 }
 
 fn timestamps(mtime_ns: i64) -> Timestamps {

@@ -58,8 +58,9 @@ pub fn peek_manifest(path: &Path) -> Result<Manifest, StateError> {
 }
 
 /// The committed root in the state directory `path`, from its head alone,
-/// if there is one and no commit is pending (no journal): lets an
-/// unchanged push stop after comparing roots.
+/// if there is one and no commit is unfinished (see
+/// [`unfinished_journal`]): lets an unchanged push stop after comparing
+/// roots.
 pub fn peek_committed_root(path: &Path) -> Option<crate::hash::TreeId> {
     let head = read_head(path).ok()?;
     if unfinished_journal(path, head.as_ref()).ok()?.is_some() {
@@ -501,7 +502,7 @@ impl StateDir {
         at: u64,
         trees: impl IntoIterator<Item = (&'a TreeId, &'a [u8])>,
     ) -> Result<u64, StateError> {
-        let (f, len) = self.write_trees(gen, at, trees)?;
+        let (f, len) = self.write_log(gen, at, trees)?;
         let p = self.path.join(Head::log_name(gen));
         f.sync_data().map_err(ioe("fsync", &p))?;
         if at == 0 {
@@ -514,8 +515,17 @@ impl StateDir {
     /// syncs the whole filesystem once for its temporaries, these trees
     /// and its staged journal, before it publishes the journal (whose
     /// rename is made durable with the log's name, in the same directory).
-    /// Returns the open log and its new length.
+    /// Returns the log's new length.
     pub fn write_trees<'a>(
+        &self,
+        gen: u64,
+        at: u64,
+        trees: impl IntoIterator<Item = (&'a TreeId, &'a [u8])>,
+    ) -> Result<u64, StateError> {
+        Ok(self.write_log(gen, at, trees)?.1)
+    }
+
+    fn write_log<'a>(
         &self,
         gen: u64,
         at: u64,
