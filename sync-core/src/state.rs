@@ -128,7 +128,6 @@ impl Head {
     }
 }
 
-/// The head of the state directory `path`, if one was written.
 /// The journal in the state directory `path` if it is of a commit not
 /// finished yet: one leading to another snapshot than `head` (the one on
 /// disk). The last finished commit's own journal stays until the next
@@ -140,20 +139,23 @@ pub fn unfinished_journal(path: &Path, head: Option<&Head>) -> Result<Option<Jou
 }
 
 fn read_journal(path: &Path) -> Result<Option<Journal>, StateError> {
-    let p = path.join(JOURNAL_FILE);
-    match std::fs::read(&p) {
-        Ok(b) => Journal::decode(&b)
-            .map(Some)
-            .map_err(|why| StateError::Damaged { path: p, why }),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(ioe("read", &p)(e)),
-    }
+    read_sealed(path, JOURNAL_FILE, Journal::decode)
 }
 
+/// The head of the state directory `path`, if one was written.
 pub fn read_head(path: &Path) -> Result<Option<Head>, StateError> {
-    let p = path.join(HEAD_FILE);
+    read_sealed(path, HEAD_FILE, Head::decode)
+}
+
+/// Read and decode the state file `name` of `path` (`None` if absent).
+fn read_sealed<T>(
+    path: &Path,
+    name: &str,
+    decode: impl FnOnce(&[u8]) -> Result<T, String>,
+) -> Result<Option<T>, StateError> {
+    let p = path.join(name);
     match std::fs::read(&p) {
-        Ok(b) => Head::decode(&b)
+        Ok(b) => decode(&b)
             .map(Some)
             .map_err(|why| StateError::Damaged { path: p, why }),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
