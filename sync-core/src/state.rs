@@ -603,7 +603,8 @@ impl StateDir {
         Ok(())
     }
 
-    /// The journal of an interrupted commit. A damaged journal cannot come
+    /// The journal on disk: an unfinished commit's or the last finished
+    /// one's (see [`unfinished_journal`]). A damaged journal cannot come
     /// from us (it is written atomically), so it is an error, not ignored.
     pub fn read_journal(&self) -> Result<Option<Journal>, StateError> {
         read_journal(&self.path)
@@ -632,9 +633,7 @@ impl StateDir {
     /// Put the staged head in force, by a rename that is not synced: the
     /// caller keeps the journal that leads to it until a later sync.
     pub fn publish_head(&self) -> Result<(), StateError> {
-        let dst = self.path.join(HEAD_FILE);
-        std::fs::rename(self.path.join(format!("{HEAD_FILE}.new")), &dst)
-            .map_err(ioe("rename", &dst))
+        self.rename_in(HEAD_FILE)
     }
 
     fn stage_file(&self, name: &str, data: &[u8]) -> Result<(), StateError> {
@@ -644,11 +643,15 @@ impl StateDir {
         f.write_all(data).map_err(ioe("write", &tmp))
     }
 
+    /// Rename the staged `name.new` over `name`, durably.
     fn publish(&self, name: &str) -> Result<(), StateError> {
-        let dst = self.path.join(name);
-        std::fs::rename(self.path.join(format!("{name}.new")), &dst)
-            .map_err(ioe("rename", &dst))?;
+        self.rename_in(name)?;
         sync_dir(&self.path)
+    }
+
+    fn rename_in(&self, name: &str) -> Result<(), StateError> {
+        let dst = self.path.join(name);
+        std::fs::rename(self.path.join(format!("{name}.new")), &dst).map_err(ioe("rename", &dst))
     }
 
     /// The state directory itself, opened (to sync its filesystem).

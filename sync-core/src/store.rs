@@ -253,7 +253,6 @@ impl Staging {
         if self.pending.is_empty() && !(durable && self.unsynced) {
             return Ok(());
         }
-        self.unsynced = !durable;
         self.flush()?;
         if durable {
             self.pack.sync_data().map_err(self.pack_err("fsync"))?;
@@ -272,6 +271,7 @@ impl Staging {
         }
         self.index_len += out.len() as u64;
         self.pending.clear();
+        self.unsynced = !durable;
         if durable {
             crashpoint::hit("staging-index-synced");
         }
