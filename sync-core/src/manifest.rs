@@ -816,7 +816,21 @@ fn unpack(packed: &[u8]) -> Result<Vec<u8>, ManifestError> {
             if len > MAX_TREE_BYTES {
                 return Err(bad());
             }
-            zstd::bulk::decompress(&rest[4..], len).map_err(|_| bad())
+            // One decompression context per thread, as `pack` keeps one
+            // for compression: creating one per tree cost more than the
+            // decompression of a small tree.
+            thread_local! {
+                static UNPACKER: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+                    const { std::cell::RefCell::new(None) };
+            }
+            UNPACKER
+                .with_borrow_mut(|d| {
+                    if d.is_none() {
+                        *d = Some(zstd::bulk::Decompressor::new().ok()?);
+                    }
+                    d.as_mut()?.decompress(&rest[4..], len).ok()
+                })
+                .ok_or_else(bad)
         }
         _ => Err(bad()),
     }
