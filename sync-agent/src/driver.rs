@@ -14,7 +14,6 @@
 //! [`READ_BATCH`] bytes) and the small writer queues.
 
 use std::collections::{HashSet, VecDeque};
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -417,20 +416,29 @@ pub fn read_chunks(
     let plan = locator
         .plan_reads(ids)
         .map_err(|id| format!("chunk {id} is not in the offered snapshot"))?;
+    use std::io::{Read, Seek, SeekFrom};
     let mut out = Vec::with_capacity(ids.len());
     for fr in plan {
-        let f = root
+        let mut f = root
             .open_file(&fr.path)
             .map_err(|e| format!("cannot open {}: {e}", lossy(&fr.path)))?;
         for (id, off, len) in fr.spans {
-            let mut buf = vec![0u8; len as usize];
-            f.read_exact_at(&mut buf, off).map_err(|e| {
-                format!(
+            // Read into the buffer's spare capacity: no zeroing first (it
+            // was 4% of a source's CPU in an initial sync).
+            let mut buf = Vec::with_capacity(len as usize);
+            let read = f
+                .seek(SeekFrom::Start(off))
+                .and_then(|_| (&mut f).take(len.into()).read_to_end(&mut buf));
+            if let Err(e) = read.and_then(|n| match n == len as usize {
+                true => Ok(()),
+                false => Err(std::io::ErrorKind::UnexpectedEof.into()),
+            }) {
+                return Err(format!(
                     "cannot read {} bytes of {} at {off} (changed since the scan?): {e}",
                     len,
                     lossy(&fr.path)
-                )
-            })?;
+                ));
+            }
             out.push((id, buf));
         }
     }
