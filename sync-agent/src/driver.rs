@@ -583,7 +583,7 @@ pub async fn drive_source(
                     reading = reading.saturating_sub(1);
                     marks.set(source_step::READ);
                     if to_read.is_empty() && reading == 0 {
-                        marks.set(source_step::LAST_READ);
+                        marks.last(source_step::LAST_READ);
                     }
                     match r {
                         Ok(chunks) => { let _ = session.send_chunks(chunks); }
@@ -601,7 +601,7 @@ pub async fn drive_source(
                 Ok(p) => {
                     p.send(data_out.pop_front().expect("not empty"));
                     rr += 1;
-                    marks.at[source_step::LAST_SENT] = Some(Instant::now());
+                    marks.last(source_step::LAST_SENT);
                 }
                 Err(_) => lost(&mut outcome, &mut ctl_out, &mut data_out, "data stream writer failed"),
             },
@@ -658,8 +658,10 @@ fn lost<T>(
     }
 }
 
-/// Moments of a session, for the debug log: where its time went. Each
-/// is the first time its step happened, in ms from the start.
+/// Moments of a session, for the debug log: where its time went, in ms
+/// from the start. A step is marked the first time it happens
+/// ([`Marks::set`]) or, for the steps named last, each time
+/// ([`Marks::last`]).
 struct Marks {
     start: Instant,
     names: &'static [&'static str],
@@ -678,6 +680,10 @@ impl Marks {
     fn set(&mut self, step: usize) {
         self.at[step].get_or_insert_with(Instant::now);
     }
+
+    fn last(&mut self, step: usize) {
+        self.at[step] = Some(Instant::now());
+    }
 }
 
 impl std::fmt::Display for Marks {
@@ -692,8 +698,9 @@ impl std::fmt::Display for Marks {
 }
 
 /// The sink's steps: tree objects fetched (it asks which chunks it
-/// lacks), chunk wants out, commit planned ahead, every chunk staged
-/// (the commit starts), committed.
+/// lacks), chunk wants out, commit planned ahead, first and last chunks
+/// checked, last staging job done, commit started (every chunk staged),
+/// committed.
 const SINK_STEPS: &[&str] = &[
     "trees",
     "wants",
@@ -716,7 +723,7 @@ mod sink_step {
 }
 
 /// The source's steps: first chunk wants in, chunks located, first read
-/// done, last read done, result confirmed.
+/// done, last read done, last frame handed to a stream, result confirmed.
 const SOURCE_STEPS: &[&str] = &[
     "wants",
     "indexed",
@@ -847,7 +854,7 @@ pub async fn drive_sink(
                 }
                 SinkEvent::StoreChunks(chunks) => {
                     marks.set(sink_step::FIRST_CHUNK);
-                    marks.at[sink_step::LAST_CHUNK] = Some(Instant::now());
+                    marks.last(sink_step::LAST_CHUNK);
                     let now = Instant::now();
                     span = Some((span.map_or(now, |s| s.0), now));
                     to_store.extend(chunks)
@@ -982,7 +989,7 @@ pub async fn drive_sink(
                 }
                 Ok(Job::Stored(Ok(ids))) => {
                     storing = false;
-                    marks.at[sink_step::STAGED] = Some(Instant::now());
+                    marks.last(sink_step::STAGED);
                     let _ = session.chunks_stored(ids);
                 }
                 Ok(Job::Committed(r)) => { marks.set(sink_step::COMMITTED); let _ = session.commit_done(r); }
