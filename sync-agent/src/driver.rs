@@ -429,10 +429,11 @@ pub fn read_chunks(
             let read = f
                 .seek(SeekFrom::Start(off))
                 .and_then(|_| (&mut f).take(len.into()).read_to_end(&mut buf));
-            if let Err(e) = read.and_then(|n| match n == len as usize {
+            let whole = |n: usize| match n == len as usize {
                 true => Ok(()),
                 false => Err(std::io::ErrorKind::UnexpectedEof.into()),
-            }) {
+            };
+            if let Err(e) = read.and_then(whole) {
                 return Err(format!(
                     "cannot read {} bytes of {} at {off} (changed since the scan?): {e}",
                     len,
@@ -510,11 +511,11 @@ pub async fn drive_source(
         while let Some(ev) = session.poll_event() {
             match ev {
                 SourceEvent::ReadChunks(ids) => {
-                    marks.set(source_step::WANTS);
+                    marks.set("wants");
                     to_read.extend(ids)
                 }
                 SourceEvent::Finished(s) => {
-                    marks.set(source_step::FINISHED);
+                    marks.set("finished");
                     tracing::debug!(phases = %marks, "source steps");
                     tracing::info!(chunks = s.chunks_sent, bytes = s.bytes_sent, "sent");
                     outcome = Some(Ok(s));
@@ -538,7 +539,7 @@ pub async fn drive_source(
             });
         }
         if io.locator.get().is_some() {
-            marks.set(source_step::INDEXED);
+            marks.set("indexed");
         }
         while let Some(locator) = io.locator.get().filter(|_| {
             outcome.is_none()
@@ -581,9 +582,9 @@ pub async fn drive_source(
                 Ok(Job::Read(r)) => {
                     // (A failed worker of any job reads as a failed read.)
                     reading = reading.saturating_sub(1);
-                    marks.set(source_step::READ);
+                    marks.set("read");
                     if to_read.is_empty() && reading == 0 {
-                        marks.last(source_step::LAST_READ);
+                        marks.last("last-read");
                     }
                     match r {
                         Ok(chunks) => { let _ = session.send_chunks(chunks); }
@@ -601,7 +602,7 @@ pub async fn drive_source(
                 Ok(p) => {
                     p.send(data_out.pop_front().expect("not empty"));
                     rr += 1;
-                    marks.last(source_step::LAST_SENT);
+                    marks.last("last-sent");
                 }
                 Err(_) => lost(&mut outcome, &mut ctl_out, &mut data_out, "data stream writer failed"),
             },
@@ -661,34 +662,41 @@ fn lost<T>(
 /// Moments of a session, for the debug log: where its time went, in ms
 /// from the start. A step is marked the first time it happens
 /// ([`Marks::set`]) or, for the steps named last, each time
-/// ([`Marks::last`]).
+/// ([`Marks::last`]); steps are named as in the list given to
+/// [`Marks::new`], which is also the order they are printed in.
 struct Marks {
     start: Instant,
-    names: &'static [&'static str],
+    steps: &'static [&'static str],
     at: Vec<Option<Instant>>,
 }
 
 impl Marks {
-    fn new(names: &'static [&'static str]) -> Marks {
+    fn new(steps: &'static [&'static str]) -> Marks {
         Marks {
             start: Instant::now(),
-            names,
-            at: vec![None; names.len()],
+            steps,
+            at: vec![None; steps.len()],
         }
     }
 
-    fn set(&mut self, step: usize) {
-        self.at[step].get_or_insert_with(Instant::now);
+    fn slot(&mut self, step: &str) -> &mut Option<Instant> {
+        let i = self.steps.iter().position(|s| *s == step);
+        debug_assert!(i.is_some(), "unknown step {step}");
+        &mut self.at[i.unwrap_or(0)]
     }
 
-    fn last(&mut self, step: usize) {
-        self.at[step] = Some(Instant::now());
+    fn set(&mut self, step: &str) {
+        self.slot(step).get_or_insert_with(Instant::now);
+    }
+
+    fn last(&mut self, step: &str) {
+        *self.slot(step) = Some(Instant::now());
     }
 }
 
 impl std::fmt::Display for Marks {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        for (name, at) in self.names.iter().zip(&self.at) {
+        for (name, at) in self.steps.iter().zip(&self.at) {
             if let Some(t) = at {
                 write!(f, "{name}@{} ", (*t - self.start).as_millis())?;
             }
@@ -711,16 +719,6 @@ const SINK_STEPS: &[&str] = &[
     "commit",
     "committed",
 ];
-mod sink_step {
-    pub const TREES: usize = 0;
-    pub const WANTS: usize = 1;
-    pub const PLANNED: usize = 2;
-    pub const FIRST_CHUNK: usize = 3;
-    pub const LAST_CHUNK: usize = 4;
-    pub const STAGED: usize = 5;
-    pub const COMMIT: usize = 6;
-    pub const COMMITTED: usize = 7;
-}
 
 /// The source's steps: first chunk wants in, chunks located, first read
 /// done, last read done, last frame handed to a stream, result confirmed.
@@ -732,14 +730,6 @@ const SOURCE_STEPS: &[&str] = &[
     "last-sent",
     "finished",
 ];
-mod source_step {
-    pub const WANTS: usize = 0;
-    pub const INDEXED: usize = 1;
-    pub const READ: usize = 2;
-    pub const LAST_READ: usize = 3;
-    pub const LAST_SENT: usize = 4;
-    pub const FINISHED: usize = 5;
-}
 
 /// Load tree objects an interrupted session kept in `state`.
 pub fn load_fetched_trees(state: &std::path::Path) -> Vec<(TreeId, Arc<[u8]>)> {
@@ -841,7 +831,7 @@ pub async fn drive_sink(
         while let Some(ev) = session.poll_event() {
             match ev {
                 SinkEvent::NeedChunkCheck(list) => {
-                    marks.set(sink_step::TREES);
+                    marks.set("trees");
                     let recv = io.recv.clone();
                     blocking(&mut jobs, move || {
                         let r = recv.lock().expect("receiver lock");
@@ -853,14 +843,14 @@ pub async fn drive_sink(
                     });
                 }
                 SinkEvent::StoreChunks(chunks) => {
-                    marks.set(sink_step::FIRST_CHUNK);
-                    marks.last(sink_step::LAST_CHUNK);
+                    marks.set("first-chunk");
+                    marks.last("last-chunk");
                     let now = Instant::now();
                     span = Some((span.map_or(now, |s| s.0), now));
                     to_store.extend(chunks)
                 }
                 SinkEvent::Commit { manifest, .. } => {
-                    marks.set(sink_step::COMMIT);
+                    marks.set("commit");
                     let recv = io.recv.clone();
                     let copts = io.commit.clone();
                     let state = state_dir.clone();
@@ -963,7 +953,7 @@ pub async fn drive_sink(
         tokio::select! {
             Some(j) = jobs.join_next() => match j {
                 Ok(Job::Missing(Ok(ids))) => {
-                    marks.set(sink_step::WANTS);
+                    marks.set("wants");
                     let fetching = !ids.is_empty();
                     let _ = session.chunks_missing(ids);
                     // Plan the commit while the first chunks are on their
@@ -989,14 +979,14 @@ pub async fn drive_sink(
                 }
                 Ok(Job::Stored(Ok(ids))) => {
                     storing = false;
-                    marks.last(sink_step::STAGED);
+                    marks.last("staged");
                     let _ = session.chunks_stored(ids);
                 }
-                Ok(Job::Committed(r)) => { marks.set(sink_step::COMMITTED); let _ = session.commit_done(r); }
+                Ok(Job::Committed(r)) => { marks.set("committed"); let _ = session.commit_done(r); }
                 Ok(Job::Stored(Err(m))) => { storing = false; session.abort(ErrorCode::Internal, m) }
                 Ok(Job::Missing(Err(m)) | Job::Read(Err(m))) => session.abort(ErrorCode::Internal, m),
                 Ok(Job::Prebuilt) => prebuilding -= 1,
-                Ok(Job::Planned) => marks.set(sink_step::PLANNED),
+                Ok(Job::Planned) => marks.set("planned"),
                 Ok(Job::Read(Ok(_)) | Job::Indexed(_)) => {}
                 Err(e) => session.abort(ErrorCode::Internal, format!("worker failed: {e}")),
             },

@@ -612,9 +612,7 @@ impl Receiver {
         opts: &CommitOptions,
         extra: Option<&dyn ChunkSource>,
     ) -> Result<CommitSummary, CommitError> {
-        if self.unfinished_journal()?.is_some() {
-            self.recover()?;
-        }
+        self.recover()?;
         if plan.from != self.committed.snapshot() {
             return Err(CommitError::StalePlan {
                 plan: plan.from,

@@ -483,7 +483,9 @@ pub fn resolve_target(link: &[u8], target: &[u8]) -> Option<Vec<u8>> {
 struct Untouched<'a> {
     old: &'a Manifest,
     new: &'a Manifest,
-    trees: RefCell<HashMap<(bool, TreeId), Rc<Tree>>>,
+    /// Decoded tree objects, by id (content-addressed: one id is one tree
+    /// in either snapshot).
+    trees: RefCell<HashMap<TreeId, Rc<Tree>>>,
 }
 
 impl<'a> Untouched<'a> {
@@ -495,13 +497,12 @@ impl<'a> Untouched<'a> {
         }
     }
 
-    fn tree(&self, in_new: bool, id: TreeId) -> Option<Rc<Tree>> {
-        if let Some(t) = self.trees.borrow().get(&(in_new, id)) {
+    fn tree(&self, id: TreeId) -> Option<Rc<Tree>> {
+        if let Some(t) = self.trees.borrow().get(&id) {
             return Some(t.clone());
         }
-        let m = if in_new { self.new } else { self.old };
-        let t = Rc::new(m.tree(&id).ok()?);
-        self.trees.borrow_mut().insert((in_new, id), t.clone());
+        let t = Rc::new(self.new.tree(&id).or_else(|_| self.old.tree(&id)).ok()?);
+        self.trees.borrow_mut().insert(id, t.clone());
         Some(t)
     }
 
@@ -513,14 +514,14 @@ impl<'a> Untouched<'a> {
         let mut comps = path.split(|&c| c == b'/').peekable();
         while let Some(name) = comps.next() {
             let shared = old == new;
-            let Some(n) = self.tree(true, new) else {
+            let Some(n) = self.tree(new) else {
                 return false;
             };
             let Some(e) = n.get(name) else {
                 return false;
             };
             if !shared {
-                let Some(o) = self.tree(false, old) else {
+                let Some(o) = self.tree(old) else {
                     return false;
                 };
                 let Some(eo) = o.get(name) else {
