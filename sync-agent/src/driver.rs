@@ -49,6 +49,10 @@ pub const READS_IN_FLIGHT: usize = 2;
 /// process; what the tree needs is made durable by the commit). Jobs run
 /// one at a time, so a burst is staged in few of them.
 const STORE_BATCH: usize = 8 << 20;
+/// Chunk bytes read back from staging per hold of the receiver, for the
+/// files a plan made ahead finds already staged: short holds, so that
+/// staging goes on between them.
+const CATCH_UP_READ: usize = 1 << 20;
 /// Staged batches at most waiting to have their files built ahead.
 const PREBUILDS: usize = 16;
 /// How long a finished stream waits for the peer to acknowledge its data.
@@ -223,8 +227,12 @@ enum Job {
     Indexed(Result<(), String>),
     /// Temporaries built ahead from one staged batch.
     Prebuilt,
-    /// The sink's commit planned ahead.
-    Planned,
+    /// The sink's commit planned ahead (the builder of its temporaries).
+    Planned(Option<Arc<Prebuilder>>),
+    /// The plan's symlinks inside new subtrees made ahead.
+    Linked,
+    /// The last commit's head stored (see `Receiver::settle`).
+    Settled,
 }
 
 /// Stage one batch of received chunks (each already checked against its id
@@ -706,13 +714,15 @@ impl std::fmt::Display for Marks {
 }
 
 /// The sink's steps: tree objects fetched (it asks which chunks it
-/// lacks), chunk wants out, commit planned ahead, first and last chunks
+/// lacks), chunk wants out, commit planned ahead, the new subtrees' inner
+/// symlinks made ahead, first and last chunks
 /// checked, last staging job done, commit started (every chunk staged),
 /// committed.
 const SINK_STEPS: &[&str] = &[
     "trees",
     "wants",
     "planned",
+    "linked",
     "first-chunk",
     "last-chunk",
     "staged",
@@ -806,6 +816,9 @@ pub async fn drive_sink(
     // Set once the receiver has planned the commit ahead.
     let prebuilder: Arc<Mutex<Option<Arc<Prebuilder>>>> = Arc::default();
     let mut prebuilding = 0usize;
+    // A plan is being made ahead; a commit asked meanwhile waits here.
+    let mut planning = false;
+    let mut held_commit: Option<Box<dyn FnOnce() -> Job + Send>> = None;
     let mut jobs: JoinSet<Job> = JoinSet::new();
     let mut outcome: Option<Result<Summary, DriveError>> = None;
     let mut peer_err: Option<DriveError> = None;
@@ -854,7 +867,7 @@ pub async fn drive_sink(
                     let recv = io.recv.clone();
                     let copts = io.commit.clone();
                     let state = state_dir.clone();
-                    blocking(&mut jobs, move || {
+                    let commit = move || {
                         let mut r = recv.lock().expect("receiver lock");
                         // Unreachable tree objects are dropped by the
                         // receiver's own amortized rewrite, not per commit.
@@ -863,6 +876,10 @@ pub async fn drive_sink(
                             Some(plan) => Ok(plan),
                             None => r.plan(&m).map(Arc::new),
                         };
+                        // The answer goes out before the head's wait for
+                        // the disk (the journal already decides the
+                        // commit): `Job::Settle` follows.
+                        r.settle_later(true);
                         let res = planned
                             .and_then(|plan| r.commit(&m, &plan, &copts))
                             .map(|s| {
@@ -877,7 +894,14 @@ pub async fn drive_sink(
                             })
                             .map_err(|e| e.to_string());
                         Job::Committed(res)
-                    });
+                    };
+                    // A plan still being made ahead is waited for: the
+                    // commit takes it (and its scratch space).
+                    if planning {
+                        held_commit = Some(Box::new(commit));
+                    } else {
+                        blocking(&mut jobs, commit);
+                    }
                 }
                 SinkEvent::Finished(s) => {
                     tracing::debug!(
@@ -959,21 +983,22 @@ pub async fn drive_sink(
                     // Plan the commit while the first chunks are on their
                     // way, so that files are built as they arrive.
                     if let Some(m) = session.incoming().filter(|_| fetching).cloned() {
-                        let (recv, copts, slot) = (io.recv.clone(), io.commit.clone(), prebuilder.clone());
+                        let (recv, copts) = (io.recv.clone(), io.commit.clone());
+                        planning = true;
                         blocking(&mut jobs, move || {
-                            let planned = recv.lock().expect("receiver lock").expect(&m, &copts);
-                            match planned {
-                                Ok(b) => {
-                                    *slot.lock().expect("slot") = b.clone();
-                                    // The new subtrees' inner symlinks need
-                                    // no chunk: made while the chunks come.
-                                    if let Some(b) = b {
-                                        b.link();
-                                    }
-                                }
-                                Err(e) => tracing::warn!("planning ahead failed: {e}"),
-                            }
-                            Job::Planned
+                            // The receiver is held only to start and to
+                            // take the plan: staging goes on meanwhile.
+                            let ahead = recv.lock().expect("receiver lock").plan_ahead(&copts);
+                            let planned = ahead.and_then(|a| match a {
+                                Some(a) => a.plan(&m).map(|p| {
+                                    recv.lock().expect("receiver lock").expect_planned(p)
+                                }),
+                                None => Ok(None),
+                            });
+                            Job::Planned(planned.unwrap_or_else(|e| {
+                                tracing::warn!("planning ahead failed: {e}");
+                                None
+                            }))
                         });
                     }
                 }
@@ -982,11 +1007,56 @@ pub async fn drive_sink(
                     marks.last("staged");
                     let _ = session.chunks_stored(ids);
                 }
-                Ok(Job::Committed(r)) => { marks.set("committed"); let _ = session.commit_done(r); }
+                Ok(Job::Committed(r)) => {
+                    marks.set("committed");
+                    let _ = session.commit_done(r);
+                    let recv = io.recv.clone();
+                    blocking(&mut jobs, move || {
+                        let mut r = recv.lock().expect("receiver lock");
+                        if let Err(e) = r.settle() {
+                            // Finished by the journal when next opened.
+                            tracing::warn!("storing the new head failed: {e}");
+                        }
+                        Job::Settled
+                    });
+                }
+                Ok(Job::Settled) => {}
                 Ok(Job::Stored(Err(m))) => { storing = false; session.abort(ErrorCode::Internal, m) }
                 Ok(Job::Missing(Err(m)) | Job::Read(Err(m))) => session.abort(ErrorCode::Internal, m),
                 Ok(Job::Prebuilt) => prebuilding -= 1,
-                Ok(Job::Planned) => marks.set("planned"),
+                Ok(Job::Planned(builder)) => {
+                    marks.set("planned");
+                    planning = false;
+                    *prebuilder.lock().expect("slot") = builder.clone();
+                    // The new subtrees' inner symlinks need no chunk: made
+                    // while the chunks come.
+                    if let Some(b) = builder {
+                        // Files whose chunk was staged before the builder
+                        // existed: read back a batch at a time, so staging
+                        // goes on between.
+                        let (b2, recv) = (b.clone(), io.recv.clone());
+                        prebuilding += 1;
+                        blocking(&mut jobs, move || {
+                            let mut ids = b2.waiting();
+                            while !ids.is_empty() {
+                                let batch = recv
+                                    .lock()
+                                    .expect("receiver lock")
+                                    .read_staged(&mut ids, CATCH_UP_READ);
+                                b2.build(&batch);
+                            }
+                            Job::Prebuilt
+                        });
+                        blocking(&mut jobs, move || {
+                            b.link();
+                            Job::Linked
+                        });
+                    }
+                    if let Some(commit) = held_commit.take() {
+                        blocking(&mut jobs, commit);
+                    }
+                }
+                Ok(Job::Linked) => marks.set("linked"),
                 Ok(Job::Read(Ok(_)) | Job::Indexed(_)) => {}
                 Err(e) => session.abort(ErrorCode::Internal, format!("worker failed: {e}")),
             },

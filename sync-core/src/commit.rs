@@ -10,19 +10,22 @@
 //!    path in the tree: its directories, files, the symlinks that point
 //!    only inside it and its directories' metadata (see
 //!    [`crate::plan::Fresh`]);
-//! 2. one `syncfs` makes all of them durable (one call instead of one fsync
-//!    per file: thousands of small files cost one flush);
-//! 3. the new snapshot's tree objects are appended to the state's tree log,
-//!    then the journal (old and new root, plan digest, log length) is
-//!    written atomically: from here on the commit rolls forward after a
+//! 2. the new snapshot's tree objects are appended to the state's tree
+//!    log, and one `syncfs` makes them durable with every temporary (one
+//!    call instead of one fsync per file: thousands of small files cost one
+//!    flush);
+//! 3. the journal (old and new root, plan digest, log length) is written in
+//!    place and `fdatasync`: from here on the commit rolls forward after a
 //!    crash;
 //! 4. the tree is changed: directories (a fresh subtree appears complete,
 //!    by one rename of its root), then files renamed into place,
 //!    metadata and hard links, then symlinks (created at a free path,
 //!    else built in `tmp/` and renamed over the old entry), then deletions, then
 //!    directory modes and mtimes, deepest first;
-//! 5. `syncfs`, the head naming the new snapshot is stored, the journal
-//!    removed and staging cleared.
+//! 5. [`Receiver::settle`]: `syncfs`, the head naming the new snapshot is
+//!    stored, staging and scratch cleared. A receiver may answer its
+//!    sender before this step ([`Receiver::settle_later`]): the journal
+//!    already decides the commit.
 //!
 //! Every step of 4 is idempotent (a temp that is gone was renamed), so a
 //! crash at any instant is finished by [`Receiver::open`]; a crash before 3
@@ -159,6 +162,11 @@ pub struct Receiver {
     planned: Mutex<Option<(SnapshotId, SnapshotId, [u8; 32])>>,
     /// Temporaries built while the chunks of an expected snapshot arrive.
     prebuild: Option<Prebuild>,
+    /// The last commit changed the tree; its head is not stored yet (see
+    /// [`Receiver::settle`]).
+    unsettled: bool,
+    /// Commits leave [`Receiver::settle`] to the caller.
+    settle_later: bool,
 }
 
 /// What [`Receiver::expect`] planned: the plan (taken for the commit),
@@ -168,6 +176,49 @@ struct Prebuild {
     handed: bool,
     digest: [u8; 32],
     builder: Arc<Prebuilder>,
+}
+
+/// What planning a commit ahead needs, handed out by
+/// [`Receiver::plan_ahead`]: planning runs without the receiver.
+pub struct PlanAhead {
+    committed: Manifest,
+    state: PathBuf,
+    owners: bool,
+}
+
+/// A plan made ahead, for [`Receiver::expect_planned`].
+pub struct Planned {
+    plan: SyncPlan,
+    digest: [u8; 32],
+    scratch: Scratch,
+    owners: bool,
+}
+
+impl PlanAhead {
+    /// Plan the commit of `new` and build the skeleton of its fresh
+    /// subtrees in the scratch space [`Receiver::plan_ahead`] cleared.
+    pub fn plan(self, new: &Manifest) -> Result<Planned, CommitError> {
+        let t = std::time::Instant::now();
+        // Which chunks are missing is filled in by `expect_planned`.
+        let plan = SyncPlan::build(&self.committed, new, |_| false)?;
+        let digest = plan.digest();
+        let planned = t.elapsed();
+        let scratch = Scratch::open(&self.state, &plan)?;
+        if let Some(inner) = scratch.in_fresh(self.owners) {
+            build_skeleton(&inner, &plan)?;
+        }
+        tracing::debug!(
+            plan_ms = planned.as_millis() as u64,
+            ms = t.elapsed().as_millis() as u64,
+            "planned ahead"
+        );
+        Ok(Planned {
+            plan,
+            digest,
+            scratch,
+            owners: self.owners,
+        })
+    }
 }
 
 /// Builds the temporaries of an expected plan's files as soon as their
@@ -239,6 +290,14 @@ impl Prebuilder {
                 }
             }
         }
+    }
+
+    /// The chunks whose files still wait for their temporary (those staged
+    /// before this builder existed are read back for it by a driver: see
+    /// [`Receiver::read_staged`]).
+    pub fn waiting(&self) -> Vec<ChunkId> {
+        let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.waiting.keys().copied().collect()
     }
 
     /// Make the symlinks that lead only inside the plan's fresh subtrees
@@ -314,6 +373,11 @@ impl std::fmt::Debug for ReceiverCache {
 
 impl Drop for Receiver {
     fn drop(&mut self) {
+        if let Err(e) = self.settle() {
+            // The journal finishes the commit when this state is opened.
+            tracing::warn!("finishing the last commit failed: {e}");
+            self.head = None;
+        }
         // Still under the state directory's lock: nobody commits meanwhile.
         let (Some(cache), Some(head)) = (&self.cache, self.head) else {
             return;
@@ -411,6 +475,8 @@ impl Receiver {
             cache: cache.cloned(),
             planned: Mutex::new(None),
             prebuild: None,
+            unsettled: false,
+            settle_later: false,
         };
         r.recovered = r.recover()?;
         if r.recovered.is_none() {
@@ -502,6 +568,22 @@ impl Receiver {
         new: &Manifest,
         opts: &CommitOptions,
     ) -> Result<Option<Arc<Prebuilder>>, CommitError> {
+        let Some(ahead) = self.plan_ahead(opts)? else {
+            return Ok(None);
+        };
+        let ready = ahead.plan(new)?;
+        Ok(self.expect_planned(ready))
+    }
+
+    /// [`Receiver::expect`] in three steps, so that a driver holds the
+    /// receiver only for the short first and last: this one clears the
+    /// scratch space and hands out what planning needs; the plan (the long
+    /// step: a diff of both snapshots, a skeleton of new directories) is
+    /// made by [`PlanAhead::plan`] meanwhile chunks are staged, and
+    /// [`Receiver::expect_planned`] takes it. `None` while a journaled
+    /// commit waits to be finished.
+    pub fn plan_ahead(&mut self, opts: &CommitOptions) -> Result<Option<PlanAhead>, CommitError> {
+        self.settle()?;
         if let Some(p) = self.prebuild.take() {
             p.builder.close();
         }
@@ -509,7 +591,32 @@ impl Receiver {
             return Ok(None);
         }
         self.clean_scratch()?;
-        let (plan, digest) = self.plan_and_digest(new)?;
+        Ok(Some(PlanAhead {
+            committed: self.committed.clone(),
+            state: self.state.path().to_path_buf(),
+            owners: opts.owners && rustix::process::geteuid().is_root(),
+        }))
+    }
+
+    /// Take the plan [`PlanAhead::plan`] made, and return the builder of
+    /// its temporaries; `None` if the committed snapshot moved meanwhile
+    /// (the commit then plans anew).
+    pub fn expect_planned(&mut self, ready: Planned) -> Option<Arc<Prebuilder>> {
+        let Planned {
+            mut plan,
+            digest,
+            scratch,
+            owners,
+        } = ready;
+        if plan.from != self.committed.snapshot() || self.prebuild.is_some() {
+            return None;
+        }
+        plan.missing = plan
+            .chunks
+            .iter()
+            .copied()
+            .filter(|(id, _)| !self.have(id))
+            .collect();
         let mut state = PrebuildState::default();
         for (i, op) in plan.files.iter().enumerate() {
             if let Kind::File { size, hash, chunks } = &op.entry.kind {
@@ -522,11 +629,7 @@ impl Receiver {
                 }
             }
         }
-        let owners = opts.owners && rustix::process::geteuid().is_root();
-        let scratch = self.scratch(&plan)?;
-        if let Some(inner) = scratch.in_fresh(owners) {
-            build_skeleton(&inner, &plan)?;
-        }
+        *self.planned.lock().unwrap() = Some((plan.from, plan.to, digest));
         let builder = Arc::new(Prebuilder {
             scratch,
             owners,
@@ -540,7 +643,7 @@ impl Receiver {
             digest,
             builder: builder.clone(),
         });
-        Ok(Some(builder))
+        Some(builder)
     }
 
     /// The plan made by [`Receiver::expect`], if `new` is what was
@@ -561,9 +664,25 @@ impl Receiver {
             .collect()
     }
 
+    /// The staged ones of `ids`, taken from the front of `ids` until about
+    /// `max_bytes` are read (what is left of `ids` stays).
+    pub fn read_staged(&self, ids: &mut Vec<ChunkId>, max_bytes: usize) -> Vec<(ChunkId, Vec<u8>)> {
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        while bytes < max_bytes {
+            let Some(id) = ids.pop() else { break };
+            if let Some(data) = self.staging.get(&id) {
+                bytes += data.len();
+                out.push((id, data));
+            }
+        }
+        out
+    }
+
     /// Verify and stage one received chunk (durable after [`Receiver::sync_staging`]
     /// or once enough bytes have accumulated).
     pub fn stage(&mut self, id: ChunkId, data: &[u8]) -> Result<(), CommitError> {
+        self.settle()?;
         self.staging.put(id, data)?;
         hit("staged-chunk");
         Ok(())
@@ -572,6 +691,7 @@ impl Receiver {
     /// Stage a chunk whose hash the caller has just checked (see
     /// [`Staging::put_checked`]).
     pub fn stage_checked(&mut self, id: ChunkId, data: &[u8]) -> Result<(), CommitError> {
+        self.settle()?;
         self.staging.put_checked(id, data)?;
         hit("staged-chunk");
         Ok(())
@@ -612,6 +732,7 @@ impl Receiver {
         opts: &CommitOptions,
         extra: Option<&dyn ChunkSource>,
     ) -> Result<CommitSummary, CommitError> {
+        self.settle()?;
         self.recover()?;
         if plan.from != self.committed.snapshot() {
             return Err(CommitError::StalePlan {
@@ -679,10 +800,10 @@ impl Receiver {
         self.staging.clear()?;
         let built = started.elapsed();
 
-        // The new snapshot's tree objects that the log lacks, then the
-        // journal naming them: both small, whatever the tree's size. One
-        // sync of the filesystem makes them durable with the temporaries;
-        // only then does the journal come in force.
+        // The new snapshot's tree objects that the log lacks: small,
+        // whatever the tree's size. One sync of the filesystem makes them
+        // durable with the temporaries (and the last commit's head); only
+        // then is the journal naming them written, in place.
         let (gen, at) = self.log_end();
         let fresh = new
             .packed()
@@ -691,13 +812,6 @@ impl Receiver {
             .map(|(id, p)| (id, &p[..]));
         let len = self.state.write_trees(gen, at, fresh)?;
         hit("trees-appended");
-        self.state.stage_journal(&Journal {
-            from: plan.from,
-            to: plan.to,
-            plan_digest: digest,
-            gen,
-            len,
-        })?;
         hit("before-syncfs");
         let state_dir = self.state.open_dir()?;
         sync_filesystems(&[scratch.tmp.as_fd(), state_dir.as_fd()])?;
@@ -707,7 +821,13 @@ impl Receiver {
             sync_ms = (started.elapsed() - built).as_millis() as u64,
             "temporaries built and durable"
         );
-        self.state.publish_journal()?;
+        self.state.write_journal(&Journal {
+            from: plan.from,
+            to: plan.to,
+            plan_digest: digest,
+            gen,
+            len,
+        })?;
         hit("journal-written");
         let head = self.next_head(new.root(), gen, len);
         let mut summary = self.apply_and_finish(plan, new.clone(), head, owners)?;
@@ -722,36 +842,12 @@ impl Receiver {
     }
 
     fn open_state_dir(&self, sub: &str) -> Result<OwnedFd, CommitError> {
-        let p = self.state.path().join(sub);
-        openat(
-            rustix::fs::CWD,
-            &p,
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(|e| CommitError::Io {
-            op: "open",
-            path: p.display().to_string(),
-            source: e.into(),
-        })
+        open_state_dir(self.state.path(), sub)
     }
 
-    /// The scratch directories for `plan`, with `tmp/t` (made if missing)
-    /// when it has fresh subtrees.
+    /// The scratch directories for `plan`.
     fn scratch(&self, plan: &SyncPlan) -> Result<Scratch, CommitError> {
-        let tmp = self.open_state_dir("tmp")?;
-        let trash = self.open_state_dir("trash")?;
-        let fresh = match plan.fresh.roots().next() {
-            None => None,
-            Some(_) => {
-                match mkdirat(&tmp, FRESH, Mode::from_raw_mode(0o700)) {
-                    Ok(()) | Err(Errno::EXIST) => {}
-                    Err(e) => return Err(io_err("create", FRESH.as_bytes())(e)),
-                }
-                Some(Root::open(&self.state.path().join("tmp").join(FRESH))?)
-            }
-        };
-        Ok(Scratch { tmp, trash, fresh })
+        Scratch::open(self.state.path(), plan)
     }
 
     /// Empty `tmp/` and `trash/`.
@@ -821,24 +917,7 @@ impl Receiver {
         let started = std::time::Instant::now();
         let mut summary = scratch.applier(&self.root, owners).apply(plan)?;
         summary.root = Some(plan.to);
-
-        let applied = started.elapsed();
-        hit("before-final-syncfs");
-        // The head is written beside the tree and synced with it; the
-        // journal still in force covers both until the head's rename.
-        self.state.stage_head(&head)?;
-        let state_dir = self.state.open_dir()?;
-        sync_filesystems(&[self.root.fd(), scratch.tmp.as_fd(), state_dir.as_fd()])?;
-        tracing::debug!(
-            apply_ms = applied.as_millis() as u64,
-            sync_ms = (started.elapsed() - applied).as_millis() as u64,
-            "applied and durable"
-        );
-        hit("before-manifest-store");
-        // Not synced: the journal, which stays, finishes the commit again
-        // if the head's rename is lost; the next sync makes it durable.
-        self.state.publish_head()?;
-        hit("head-stored");
+        tracing::debug!(apply_ms = started.elapsed().as_millis() as u64, "applied");
         if let Some(t) = self.tree.get_mut() {
             if let Err(e) = t.update(&self.committed, &new) {
                 tracing::warn!("chunk index dropped: {e}");
@@ -847,11 +926,50 @@ impl Receiver {
         }
         self.committed = new;
         self.head = Some(head);
+        self.unsettled = true;
+        if !self.settle_later {
+            self.settle()?;
+        }
+        tracing::info!(?summary, "committed");
+        Ok(summary)
+    }
+
+    /// Let [`Receiver::commit`] return once the tree is changed, before the
+    /// wait for the disk that makes its new head durable: the caller then
+    /// reports the commit and calls [`Receiver::settle`]. The commit is
+    /// decided once its journal is durable (a crash before the head is
+    /// stored is finished by the journal's roll-forward), so this only
+    /// moves the wait out of the time a sender waits for the answer.
+    pub fn settle_later(&mut self, later: bool) {
+        self.settle_later = later;
+    }
+
+    /// Finish the last commit: one `syncfs` makes the changed tree and the
+    /// staged head durable, the head is renamed in (not synced: the
+    /// journal, which stays, finishes the commit again if the rename is
+    /// lost, and the next commit's sync makes it durable before its own
+    /// journal replaces this one), then staging and scratch are cleared.
+    /// Called by every commit (first, for one left unsettled) and on drop.
+    pub fn settle(&mut self) -> Result<(), CommitError> {
+        if !self.unsettled {
+            return Ok(());
+        }
+        let head = self.head.expect("a commit set the head");
+        let started = std::time::Instant::now();
+        hit("before-final-syncfs");
+        self.state.stage_head(&head)?;
+        let state_dir = self.state.open_dir()?;
+        let tmp = self.open_state_dir("tmp")?;
+        sync_filesystems(&[self.root.fd(), tmp.as_fd(), state_dir.as_fd()])?;
+        tracing::debug!(sync_ms = started.elapsed().as_millis() as u64, "settled");
+        hit("before-manifest-store");
+        self.state.publish_head()?;
+        hit("head-stored");
+        self.unsettled = false;
         self.staging.clear()?;
         self.clean_scratch()?;
         self.compact_if_due()?;
-        tracing::info!(?summary, "committed");
-        Ok(summary)
+        Ok(())
     }
 
     /// Rewrite the tree log without the objects no snapshot reaches any
@@ -920,7 +1038,41 @@ struct Scratch {
     fresh: Option<Root>,
 }
 
+/// `sub` of the state directory `state`.
+fn open_state_dir(state: &Path, sub: &str) -> Result<OwnedFd, CommitError> {
+    let p = state.join(sub);
+    openat(
+        rustix::fs::CWD,
+        &p,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| CommitError::Io {
+        op: "open",
+        path: p.display().to_string(),
+        source: e.into(),
+    })
+}
+
 impl Scratch {
+    /// The scratch directories of the state directory `state` for `plan`,
+    /// with `tmp/t` (made if missing) when it has fresh subtrees.
+    fn open(state: &Path, plan: &SyncPlan) -> Result<Scratch, CommitError> {
+        let tmp = open_state_dir(state, "tmp")?;
+        let trash = open_state_dir(state, "trash")?;
+        let fresh = match plan.fresh.roots().next() {
+            None => None,
+            Some(_) => {
+                match mkdirat(&tmp, FRESH, Mode::from_raw_mode(0o700)) {
+                    Ok(()) | Err(Errno::EXIST) => {}
+                    Err(e) => return Err(io_err("create", FRESH.as_bytes())(e)),
+                }
+                Some(Root::open(&state.join("tmp").join(FRESH))?)
+            }
+        };
+        Ok(Scratch { tmp, trash, fresh })
+    }
+
     fn applier<'a>(&'a self, root: &'a Root, owners: bool) -> Applier<'a> {
         Applier {
             root,
@@ -1874,6 +2026,56 @@ mod tests {
         let r = Receiver::open(&dest, None).unwrap();
         assert!(r.recovered().is_some_and(|s| s.rolled_forward));
         assert_eq!(r.committed().root(), m2.root());
+        assert!(r.verify(&VerifyOptions::default()).unwrap().is_clean());
+    }
+
+    /// A commit left to settle later is decided: the answer may go out
+    /// before its head is stored, and a crash then is finished by the
+    /// journal. The journal is rewritten in place by later commits.
+    #[test]
+    fn an_unsettled_commit_is_finished_by_its_journal() {
+        use std::os::unix::fs::MetadataExt;
+        let t = tempfile::tempdir().unwrap();
+        let (src, dest) = (t.path().join("src"), t.path().join("dest"));
+        std::fs::create_dir_all(src.join("repo")).unwrap();
+        std::fs::write(src.join("repo/a"), b"one").unwrap();
+        let opts = CommitOptions::default();
+        let m1 = scan(&src);
+        let mut r = Receiver::open(&dest, None).unwrap();
+        r.settle_later(true);
+        push_local(&m1, &src, &mut r, &opts).unwrap();
+        let state = default_state_dir(&dest.canonicalize().unwrap()).unwrap();
+        assert!(
+            crate::state::read_head(&state).unwrap().is_none(),
+            "head not stored yet"
+        );
+        assert_eq!(std::fs::read(dest.join("repo/a")).unwrap(), b"one");
+        // A crash before the head is stored.
+        r.unsettled = false;
+        drop(r);
+        let mut r = Receiver::open(&dest, None).unwrap();
+        assert!(r.recovered().is_some_and(|s| s.rolled_forward));
+        assert_eq!(r.committed().root(), m1.root());
+        assert_eq!(crate::state::peek_committed_root(&state), Some(m1.root()));
+        let journal = std::fs::metadata(state.join("journal")).unwrap().ino();
+
+        std::fs::write(src.join("repo/b"), b"two").unwrap();
+        let m2 = scan(&src);
+        r.settle_later(true);
+        push_local(&m2, &src, &mut r, &opts).unwrap();
+        assert_eq!(
+            crate::state::peek_committed_root(&state),
+            None,
+            "journal ahead of head"
+        );
+        r.settle().unwrap();
+        assert_eq!(crate::state::peek_committed_root(&state), Some(m2.root()));
+        let j = std::fs::metadata(state.join("journal")).unwrap();
+        assert_eq!(j.ino(), journal, "the journal is written in place");
+        assert!(!state.join("journal.new").exists());
+        drop(r);
+        let r = Receiver::open(&dest, None).unwrap();
+        assert!(r.recovered().is_none());
         assert!(r.verify(&VerifyOptions::default()).unwrap().is_clean());
     }
 

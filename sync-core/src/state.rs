@@ -14,7 +14,9 @@
 //! trees.<gen> append-only log of packed tree objects; the committed
 //!             snapshot's are in its first `Head::len` bytes; rewritten to
 //!             the next generation when mostly garbage
-//! journal     intent of a commit in progress (see Journal), atomic
+//! journal     intent of the last commit (see Journal): one sealed record
+//!             of fixed length, made once by a rename, then rewritten in
+//!             place (one sector: a write is whole or not at all)
 //! staging/    pack + index of received chunks (store::Staging)
 //! tmp/        files and symlinks under construction; tmp/t/ holds the
 //!             new subtrees built whole, each at its path in the tree
@@ -29,6 +31,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::crashpoint;
@@ -605,22 +608,50 @@ impl StateDir {
 
     /// The journal on disk: an unfinished commit's or the last finished
     /// one's (see [`unfinished_journal`]). A damaged journal cannot come
-    /// from us (it is written atomically), so it is an error, not ignored.
+    /// from us (a record within one sector is written whole or not at
+    /// all), so it is an error, not ignored.
     pub fn read_journal(&self) -> Result<Option<Journal>, StateError> {
         read_journal(&self.path)
     }
 
-    /// Write `j` as `journal.new`, not yet synced nor in force: the caller
-    /// makes it durable with the data it names, then publishes it with
-    /// [`StateDir::publish_journal`].
-    pub fn stage_journal(&self, j: &Journal) -> Result<(), StateError> {
-        self.stage_file(JOURNAL_FILE, &j.encode())
+    /// Put `j` in force, durably. The journal file is written in place
+    /// once it exists (it is kept between commits, always of one length):
+    /// one block overwritten and `fdatasync`, which waits for that block
+    /// alone, where a new file's rename waits for a commit of the
+    /// filesystem's own journal. The caller has made what `j` names (and
+    /// the previous head) durable first: the record it overwrites is then
+    /// no longer needed. The first time, it is made beside and renamed in.
+    pub fn write_journal(&self, j: &Journal) -> Result<(), StateError> {
+        let data = j.encode();
+        let p = self.path.join(JOURNAL_FILE);
+        let existing = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&p);
+        match existing {
+            Ok(f)
+                if f.metadata()
+                    .is_ok_and(|m| m.is_file() && m.len() == data.len() as u64) =>
+            {
+                crashpoint::check_write().map_err(ioe("write", &p))?;
+                f.write_all_at(&data, 0).map_err(ioe("write", &p))?;
+                f.sync_data().map_err(ioe("fsync", &p))
+            }
+            Ok(_) => self.publish_new(JOURNAL_FILE, &data),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => self.publish_new(JOURNAL_FILE, &data),
+            Err(e) => Err(ioe("open", &p)(e)),
+        }
     }
 
-    /// Put the staged journal in force, durably (its rename and the names
-    /// of files created beside it since the last sync).
-    pub fn publish_journal(&self) -> Result<(), StateError> {
-        self.publish(JOURNAL_FILE)
+    /// Write `name.new` durably and rename it over `name`, durably.
+    fn publish_new(&self, name: &str, data: &[u8]) -> Result<(), StateError> {
+        self.stage_file(name, data)?;
+        let tmp = self.path.join(format!("{name}.new"));
+        File::open(&tmp)
+            .and_then(|f| f.sync_data())
+            .map_err(ioe("fsync", &tmp))?;
+        self.rename_in(name)?;
+        sync_dir(&self.path)
     }
 
     /// Write `head` as `head.new`, not yet synced nor in force: the caller
@@ -641,12 +672,6 @@ impl StateDir {
         let mut f = File::create(&tmp).map_err(ioe("create", &tmp))?;
         crashpoint::check_write().map_err(ioe("write", &tmp))?;
         f.write_all(data).map_err(ioe("write", &tmp))
-    }
-
-    /// Rename the staged `name.new` over `name`, durably.
-    fn publish(&self, name: &str) -> Result<(), StateError> {
-        self.rename_in(name)?;
-        sync_dir(&self.path)
     }
 
     fn rename_in(&self, name: &str) -> Result<(), StateError> {
