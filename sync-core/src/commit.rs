@@ -167,6 +167,9 @@ pub struct Receiver {
     unsettled: bool,
     /// Commits leave [`Receiver::settle`] to the caller.
     settle_later: bool,
+    /// The snapshot the chunk index describes, when a commit has not
+    /// updated it yet (see [`Receiver::settle`]).
+    index_from: Option<Manifest>,
 }
 
 /// What [`Receiver::expect`] planned: the plan (taken for the commit),
@@ -477,6 +480,7 @@ impl Receiver {
             prebuild: None,
             unsettled: false,
             settle_later: false,
+            index_from: None,
         };
         r.recovered = r.recover()?;
         if r.recovered.is_none() {
@@ -918,13 +922,9 @@ impl Receiver {
         let mut summary = scratch.applier(&self.root, owners).apply(plan)?;
         summary.root = Some(plan.to);
         tracing::debug!(apply_ms = started.elapsed().as_millis() as u64, "applied");
-        if let Some(t) = self.tree.get_mut() {
-            if let Err(e) = t.update(&self.committed, &new) {
-                tracing::warn!("chunk index dropped: {e}");
-                self.tree = OnceLock::new();
-            }
-        }
-        self.committed = new;
+        // The chunk index follows in `settle` (for a large commit, a tenth
+        // of a second that the sender need not wait for).
+        self.index_from = Some(std::mem::replace(&mut self.committed, new));
         self.head = Some(head);
         self.unsettled = true;
         if !self.settle_later {
@@ -932,6 +932,19 @@ impl Receiver {
         }
         tracing::info!(?summary, "committed");
         Ok(summary)
+    }
+
+    /// Bring the committed tree's chunk index to the last commit.
+    fn update_index(&mut self) {
+        let Some(old) = self.index_from.take() else {
+            return;
+        };
+        if let Some(t) = self.tree.get_mut() {
+            if let Err(e) = t.update(&old, &self.committed) {
+                tracing::warn!("chunk index dropped: {e}");
+                self.tree = OnceLock::new();
+            }
+        }
     }
 
     /// Let [`Receiver::commit`] return once the tree is changed, before the
@@ -966,6 +979,7 @@ impl Receiver {
         self.state.publish_head()?;
         hit("head-stored");
         self.unsettled = false;
+        self.update_index();
         self.staging.clear()?;
         self.clean_scratch()?;
         self.compact_if_due()?;

@@ -97,8 +97,6 @@ pub enum SessionError {
     TooLarge(String),
     #[error("local manifest is unusable: {0}")]
     Manifest(String),
-    #[error("chunk {id} changed on the source since the scan; rescan and retry")]
-    SourceChanged { id: ChunkId },
     #[error("commit failed: {0}")]
     CommitFailed(String),
     #[error("driver misuse: {0}")]
@@ -120,9 +118,7 @@ impl SessionError {
             SessionError::BadTree { .. } | SessionError::BadChunk { .. } => ErrorCode::BadData,
             SessionError::UnknownTree(_) => ErrorCode::UnknownTree,
             SessionError::TooLarge(_) => ErrorCode::TooLarge,
-            SessionError::Manifest(_)
-            | SessionError::SourceChanged { .. }
-            | SessionError::Driver(_) => ErrorCode::Internal,
+            SessionError::Manifest(_) | SessionError::Driver(_) => ErrorCode::Internal,
             SessionError::CommitFailed(_) => ErrorCode::CommitFailed,
             SessionError::Aborted { code, .. } | SessionError::Peer { code, .. } => *code,
         }

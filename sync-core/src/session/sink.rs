@@ -625,7 +625,9 @@ impl SinkSession {
             if ChunkId::of(data) != *id {
                 return Err(SessionError::BadChunk {
                     id: *id,
-                    reason: "content does not match its hash".into(),
+                    reason: "content does not match its hash (a source file \
+                             changed since its scan? the next push rescans it)"
+                        .into(),
                 });
             }
             if data.len() != len as usize {
