@@ -878,7 +878,7 @@ pub async fn drive_sink(
                         };
                         // The answer goes out before the head's wait for
                         // the disk (the journal already decides the
-                        // commit): `Job::Settle` follows.
+                        // commit): `Job::Settled` follows.
                         r.settle_later(true);
                         let res = planned
                             .and_then(|plan| r.commit(&m, &plan, &copts))
@@ -1028,8 +1028,6 @@ pub async fn drive_sink(
                     marks.set("planned");
                     planning = false;
                     *prebuilder.lock().expect("slot") = builder.clone();
-                    // The new subtrees' inner symlinks need no chunk: made
-                    // while the chunks come.
                     if let Some(b) = builder {
                         // Files whose chunk was staged before the builder
                         // existed: read back a batch at a time, so staging
@@ -1038,7 +1036,7 @@ pub async fn drive_sink(
                         prebuilding += 1;
                         blocking(&mut jobs, move || {
                             let mut ids = b2.waiting();
-                            while !ids.is_empty() {
+                            while !ids.is_empty() && !b2.is_closed() {
                                 let batch = recv
                                     .lock()
                                     .expect("receiver lock")
@@ -1047,6 +1045,8 @@ pub async fn drive_sink(
                             }
                             Job::Prebuilt
                         });
+                        // The new subtrees' inner symlinks need no chunk:
+                        // made while the chunks come.
                         blocking(&mut jobs, move || {
                             b.link();
                             Job::Linked

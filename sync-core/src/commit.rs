@@ -327,6 +327,11 @@ impl Prebuilder {
         }
     }
 
+    /// Whether the commit has taken over (nothing more is built here).
+    pub fn is_closed(&self) -> bool {
+        self.stop.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Stop building (waiting for a batch or a run of links in progress);
     /// what was made so far.
     fn close(&self) -> Prebuilt {
@@ -668,8 +673,8 @@ impl Receiver {
             .collect()
     }
 
-    /// The staged ones of `ids`, taken from the front of `ids` until about
-    /// `max_bytes` are read (what is left of `ids` stays).
+    /// The staged ones of `ids`, taken off the end of `ids` until about
+    /// `max_bytes` are read (the rest of `ids` stays).
     pub fn read_staged(&self, ids: &mut Vec<ChunkId>, max_bytes: usize) -> Vec<(ChunkId, Vec<u8>)> {
         let mut out = Vec::new();
         let mut bytes = 0;
