@@ -46,15 +46,16 @@ pub const READ_BATCH: u64 = 4 << 20;
 /// Source read jobs running at once.
 pub const READS_IN_FLIGHT: usize = 2;
 /// Chunk bytes staged per job (into the page cache: they survive the
-/// process; what the tree needs is made durable by the commit). Jobs run
-/// one at a time, so a burst is staged in few of them.
+/// process; what the tree needs is made durable by the commit). At most
+/// [`STORE_JOBS`] run at once, so a burst is staged in few of them.
 const STORE_BATCH: usize = 8 << 20;
 /// Chunk bytes read back from staging per hold of the receiver, for the
 /// files a plan made ahead finds already staged: short holds, so that
 /// staging goes on between them.
 const CATCH_UP_READ: usize = 1 << 20;
-/// Staged batches at most waiting to have their files built ahead.
-const PREBUILDS: usize = 16;
+/// Staging jobs at most at once: one builds its files' temporaries while
+/// another stages.
+const STORE_JOBS: usize = 2;
 /// How long a finished stream waits for the peer to acknowledge its data.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest file of tree objects kept for a resumed tree fetch.
@@ -238,9 +239,18 @@ enum Job {
 /// Stage one batch of received chunks (each already checked against its id
 /// by the session) and hand them to the kernel: acknowledged chunks survive
 /// a restart of this process; the commit makes what the tree needs durable.
-fn stage_batch(r: &mut Receiver, batch: &[(ChunkId, Vec<u8>)]) -> Result<Vec<ChunkId>, String> {
+fn stage_batch(
+    r: &mut Receiver,
+    batch: &[(ChunkId, Vec<u8>)],
+    linked: &[ChunkId],
+) -> Result<Vec<ChunkId>, String> {
+    let linked: HashSet<&ChunkId> = linked.iter().collect();
     for (id, data) in batch {
-        r.stage_checked(*id, data).map_err(|e| e.to_string())?;
+        match linked.contains(id) {
+            true => r.stage_linked(*id, data.len() as u32),
+            false => r.stage_checked(*id, data),
+        }
+        .map_err(|e| e.to_string())?;
     }
     r.persist_staging().map_err(|e| e.to_string())?;
     Ok(batch.iter().map(|(id, _)| *id).collect())
@@ -812,10 +822,9 @@ pub async fn drive_sink(
     let mut ctl_out: VecDeque<Vec<u8>> = VecDeque::new();
     let mut no_data: VecDeque<Vec<u8>> = VecDeque::new();
     let mut to_store: VecDeque<(ChunkId, Vec<u8>)> = VecDeque::new();
-    let mut storing = false;
+    let mut storing = 0usize;
     // Set once the receiver has planned the commit ahead.
     let prebuilder: Arc<Mutex<Option<Arc<Prebuilder>>>> = Arc::default();
-    let mut prebuilding = 0usize;
     // A plan is being made ahead; a commit asked meanwhile waits here.
     let mut planning = false;
     let mut held_commit: Option<Box<dyn FnOnce() -> Job + Send>> = None;
@@ -927,10 +936,10 @@ pub async fn drive_sink(
                 }
             }
         }
-        if !storing && !to_store.is_empty() && outcome.is_none() {
-            storing = true;
-            // Bounded jobs, each ending in an fsync: a crash loses at most
-            // one job's chunks, which the next session asks for again.
+        if storing < STORE_JOBS && !to_store.is_empty() && outcome.is_none() {
+            storing += 1;
+            // Bounded jobs: a crash loses at most their chunks, which the
+            // next session asks for again.
             let mut batch = Vec::new();
             let mut bytes = 0usize;
             while let Some((id, data)) = to_store.pop_front() {
@@ -940,25 +949,17 @@ pub async fn drive_sink(
                     break;
                 }
             }
-            let batch = Arc::new(batch);
-            // Files that are one of these chunks get their temporary now,
-            // beside the staging (not under the receiver's lock). At most
-            // PREBUILDS batches wait for it: behind that, the commit builds
-            // them, and memory stays bounded.
             let builder = prebuilder.lock().expect("slot").clone();
-            if let Some(b) = builder.filter(|_| prebuilding < PREBUILDS) {
-                prebuilding += 1;
-                let chunks = batch.clone();
-                blocking(&mut jobs, move || {
-                    b.build(&chunks);
-                    Job::Prebuilt
-                });
-            }
             let recv = io.recv.clone();
             let staging_ns = staging_ns.clone();
             blocking(&mut jobs, move || {
                 let t = Instant::now();
-                let staged = stage_batch(&mut recv.lock().expect("receiver lock"), &batch);
+                // Files that are one of these chunks get their temporary
+                // first (not under the receiver's lock), and the larger of
+                // those chunks are staged as a link to it: their bytes are
+                // written once.
+                let linked = builder.map_or_else(Vec::new, |b| b.build(&batch, true));
+                let staged = stage_batch(&mut recv.lock().expect("receiver lock"), &batch, &linked);
                 staging_ns.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
                 Job::Stored(staged.map_err(|e| format!("staging failed: {e}")))
             });
@@ -1003,7 +1004,7 @@ pub async fn drive_sink(
                     }
                 }
                 Ok(Job::Stored(Ok(ids))) => {
-                    storing = false;
+                    storing -= 1;
                     marks.last("staged");
                     let _ = session.chunks_stored(ids);
                 }
@@ -1021,9 +1022,9 @@ pub async fn drive_sink(
                     });
                 }
                 Ok(Job::Settled) => {}
-                Ok(Job::Stored(Err(m))) => { storing = false; session.abort(ErrorCode::Internal, m) }
+                Ok(Job::Stored(Err(m))) => { storing -= 1; session.abort(ErrorCode::Internal, m) }
                 Ok(Job::Missing(Err(m)) | Job::Read(Err(m))) => session.abort(ErrorCode::Internal, m),
-                Ok(Job::Prebuilt) => prebuilding -= 1,
+                Ok(Job::Prebuilt) => {}
                 Ok(Job::Planned(builder)) => {
                     marks.set("planned");
                     planning = false;
@@ -1033,7 +1034,6 @@ pub async fn drive_sink(
                         // existed: read back a batch at a time, so staging
                         // goes on between.
                         let (b2, recv) = (b.clone(), io.recv.clone());
-                        prebuilding += 1;
                         blocking(&mut jobs, move || {
                             let mut ids = b2.waiting();
                             while !ids.is_empty() && !b2.is_closed() {
@@ -1041,7 +1041,7 @@ pub async fn drive_sink(
                                     .lock()
                                     .expect("receiver lock")
                                     .read_staged(&mut ids, CATCH_UP_READ);
-                                b2.build(&batch);
+                                b2.build(&batch, false);
                             }
                             Job::Prebuilt
                         });

@@ -236,6 +236,9 @@ pub struct Prebuilder {
     owners: bool,
     plan: Arc<SyncPlan>,
     state: Mutex<PrebuildState>,
+    /// Staging's directory of chunks that are whole files (see
+    /// [`Staging::put_linked`]), if it could be opened.
+    link_dir: Option<OwnedFd>,
     /// How many of the plan's symlinks [`Prebuilder::link`] has been
     /// through (held while it runs).
     linked: Mutex<usize>,
@@ -264,19 +267,35 @@ struct PrebuildState {
 impl Prebuilder {
     /// Build the temporaries of the expected files that are exactly one of
     /// `chunks` (each already checked against its id). A temporary that
-    /// fails is removed and left to the commit.
-    pub fn build(&self, chunks: &[(ChunkId, Vec<u8>)]) {
+    /// fails is removed and left to the commit. Returns the chunks of at
+    /// least [`LINK_MIN`] bytes whose temporary was also hard-linked into
+    /// staging (for [`Receiver::stage_linked`]: staged without a second
+    /// write of their bytes), when `link` (chunks not staged yet).
+    pub fn build(&self, chunks: &[(ChunkId, Vec<u8>)], link: bool) -> Vec<ChunkId> {
+        let mut linked = Vec::new();
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if st.closed {
-            return;
+            return linked;
         }
         for (id, data) in chunks {
             let Some(files) = st.waiting.remove(id) else {
                 continue;
             };
             let mut last = None;
+            let mut link = self
+                .link_dir
+                .as_ref()
+                .filter(|_| link && data.len() >= LINK_MIN)
+                .map(|d| (d.as_fd(), Staging::linked_name(id)));
             for i in files {
                 let one = OneChunk(*id, data);
+                // Read back by a later commit if need be: only a file its
+                // owner may read is shared with staging.
+                let readable = self.owners || self.plan.files[i].entry.mode & 0o400 != 0;
+                let to = link
+                    .as_ref()
+                    .filter(|_| readable)
+                    .map(|(d, n)| (*d, n.as_str()));
                 match build_temp(
                     self.scratch.tmp.as_fd(),
                     self.scratch.fresh.as_ref(),
@@ -285,14 +304,21 @@ impl Prebuilder {
                     &one,
                     self.owners,
                     &mut last,
+                    to,
                 ) {
-                    Ok(()) => {
+                    Ok(true) => {
+                        st.built.insert(i);
+                        linked.push(*id);
+                        link = None;
+                    }
+                    Ok(false) => {
                         st.built.insert(i);
                     }
                     Err(e) => tracing::debug!("temporary left to the commit: {e}"),
                 }
             }
         }
+        linked
     }
 
     /// The chunks whose files still wait for their temporary (those staged
@@ -639,9 +665,17 @@ impl Receiver {
             }
         }
         *self.planned.lock().unwrap() = Some((plan.from, plan.to, digest));
+        let link_dir = openat(
+            rustix::fs::CWD,
+            self.staging.linked_dir(),
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .ok();
         let builder = Arc::new(Prebuilder {
             scratch,
             owners,
+            link_dir,
             state: Mutex::new(state),
             plan: Arc::new(plan),
             linked: Mutex::new(0),
@@ -702,6 +736,15 @@ impl Receiver {
     pub fn stage_checked(&mut self, id: ChunkId, data: &[u8]) -> Result<(), CommitError> {
         self.settle()?;
         self.staging.put_checked(id, data)?;
+        hit("staged-chunk");
+        Ok(())
+    }
+
+    /// Stage a chunk that a [`Prebuilder::build`] linked into staging (see
+    /// [`Staging::put_linked`]).
+    pub fn stage_linked(&mut self, id: ChunkId, len: u32) -> Result<(), CommitError> {
+        self.settle()?;
+        self.staging.put_linked(id, len)?;
         hit("staged-chunk");
         Ok(())
     }
@@ -986,6 +1029,7 @@ impl Receiver {
         self.unsettled = false;
         self.update_index();
         self.staging.clear()?;
+        self.staging.purge();
         self.clean_scratch()?;
         self.compact_if_due()?;
         Ok(())
@@ -1149,7 +1193,7 @@ fn prepare(
     let every = step(plan.files.len());
     in_parallel_by(&plan.files, 0, (64, 64), |i, _, last| {
         if !prebuilt.is_some_and(|b| b.files.contains(&i)) {
-            build_temp(a.tmp, a.fresh, plan, i, src, a.owners, last)?;
+            build_temp(a.tmp, a.fresh, plan, i, src, a.owners, last, None)?;
         }
         if i % every == 0 {
             hit("temp-file-written");
@@ -1319,6 +1363,7 @@ fn build_skeleton(inner: &Applier<'_>, plan: &SyncPlan) -> Result<(), CommitErro
 
 /// Build the temporary of `plan.files[i]`: at its path in `fresh` when it
 /// lies in a fresh subtree, else as `tmp/f<i>`. One that fails is removed.
+#[allow(clippy::too_many_arguments)]
 fn build_temp(
     tmp: BorrowedFd<'_>,
     fresh: Option<&Root>,
@@ -1327,7 +1372,8 @@ fn build_temp(
     src: &dyn ChunkSource,
     owners: bool,
     last: &mut LastParent,
-) -> Result<(), CommitError> {
+    link_to: Option<(BorrowedFd<'_>, &str)>,
+) -> Result<bool, CommitError> {
     let op = &plan.files[i];
     let numbered;
     let (dir, name) = match fresh.filter(|_| plan.fresh.file(i)) {
@@ -1342,8 +1388,25 @@ fn build_temp(
     };
     build_file(dir, name, op, src, owners).inspect_err(|_| {
         let _ = unlinkat(dir, name, AtFlags::empty());
+    })?;
+    // A second name in staging (never through a symlink: the temporary was
+    // just created here, and linkat does not follow it). Left over from a
+    // session that ended early, the name is replaced.
+    let Some((to_dir, to_name)) = link_to else {
+        return Ok(false);
+    };
+    let link = || linkat(dir, name, to_dir, to_name, AtFlags::empty());
+    Ok(match link() {
+        Ok(()) => true,
+        Err(Errno::EXIST) => unlinkat(to_dir, to_name, AtFlags::empty()).is_ok() && link().is_ok(),
+        Err(_) => false,
     })
 }
+
+/// Chunks at least this long that are a whole file are staged as a hard
+/// link to that file's temporary instead of being written to the pack: a
+/// smaller one costs less to write twice than to link and unlink.
+pub const LINK_MIN: usize = 64 << 10;
 
 fn build_file(
     tmp: BorrowedFd<'_>,
@@ -1904,7 +1967,7 @@ mod tests {
             r.stage(*id, data).unwrap();
         }
         r.persist_staging().unwrap();
-        b.build(&chunks[..5]);
+        b.build(&chunks[..5], true);
         b.link();
         let tmp = r.state_dir().join("tmp");
         let names = |dir: &Path| {
@@ -1930,7 +1993,7 @@ mod tests {
         r.commit(&m, &plan, &opts).unwrap();
         assert!(r.verify(&VerifyOptions::default()).unwrap().is_clean());
         assert_eq!(scan(&dest).root(), m.root());
-        b.build(&chunks[5..]);
+        b.build(&chunks[5..], true);
         assert_eq!(
             std::fs::read_dir(&tmp).unwrap().count(),
             0,
@@ -1941,7 +2004,7 @@ mod tests {
         std::fs::write(src.join("d/f0"), b"changed").unwrap();
         let m2 = scan(&src);
         let b = r.expect(&m2, &opts).unwrap().expect("a builder");
-        b.build(&[chunk("d/f0")]);
+        b.build(&[chunk("d/f0")], true);
         assert_eq!(names(&tmp), ["f0"], "a changed file is built as tmp/f<i>");
         std::fs::write(src.join("d/f0"), b"changed again").unwrap();
         let m3 = scan(&src);

@@ -1,6 +1,7 @@
 //! Where the receiver finds chunk bytes: the durable staging area of chunks
 //! that arrived for the next commit ([`Staging`]: one pack file plus an
-//! index in the state directory) and the files of the committed tree
+//! index in the state directory, and a directory of chunks that are whole
+//! files: hard links to the temporaries built from them) and the files of the committed tree
 //! ([`TreeChunks`]: a chunk-location index derived from the committed
 //! manifest). A chunk in either is never asked for again. Every read is
 //! checked against the chunk id; a mismatch reads as "missing". Blocking IO.
@@ -9,7 +10,7 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -47,11 +48,19 @@ pub trait ChunkSource: Sync {
 }
 
 const INDEX_RECORD: usize = 48;
+/// The `off` of an index record whose chunk is the file `linked/<id>`.
+const LINKED: u64 = u64::MAX;
+/// Where chunks that are a whole file are kept, as a hard link to the
+/// temporary built from them (see [`Staging::put_linked`]).
+const LINKED_DIR: &str = "linked";
+/// What [`Staging::clear`] moves `linked` to, removed by [`Staging::purge`].
+const LINKED_GONE: &str = "linked.gone";
 /// Unsynced bytes buffered in memory before they are written to the pack.
 const WRITE_BUFFER: usize = 1 << 20;
 
 #[derive(Clone, Copy, Debug)]
 struct Slot {
+    /// Offset in the pack, or [`LINKED`].
     off: u64,
     len: u32,
     /// Put by this process, after its hash was checked: it reads back
@@ -139,6 +148,8 @@ impl Staging {
         let pack_len = pack.metadata().map_err(io("stat", &pp))?.len();
         let mut raw = Vec::new();
         index.read_to_end(&mut raw).map_err(io("read", &ip))?;
+        let linked = dir.join(LINKED_DIR);
+        std::fs::create_dir_all(&linked).map_err(io("create", &linked))?;
         let mut slots = HashMap::new();
         let mut good = 0usize;
         let mut end = 0u64;
@@ -146,6 +157,19 @@ impl Staging {
             let Some((id, slot)) = parse_record(r) else {
                 break;
             };
+            if slot.off == LINKED {
+                // Kept if its file is (a crash may have lost it), checked
+                // when read.
+                let f = linked.join(id.to_hex());
+                if slot.len as usize <= MAX_CHUNK
+                    && std::fs::symlink_metadata(&f)
+                        .is_ok_and(|m| m.is_file() && m.len() == slot.len as u64)
+                {
+                    slots.insert(id, slot);
+                }
+                good += INDEX_RECORD;
+                continue;
+            }
             let slot_end = slot.off.saturating_add(slot.len as u64);
             if slot_end > pack_len || slot.len as usize > MAX_CHUNK {
                 break;
@@ -153,6 +177,33 @@ impl Staging {
             slots.insert(id, slot);
             end = end.max(slot_end);
             good += INDEX_RECORD;
+        }
+        // A link made just before its process died has no record yet: its
+        // name is its id and it is checked when read, so it is kept too.
+        for e in std::fs::read_dir(&linked)
+            .map_err(io("list", &linked))?
+            .flatten()
+        {
+            let Some(id) = e
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<ChunkId>().ok())
+            else {
+                continue;
+            };
+            match e.metadata() {
+                Ok(m) if m.is_file() && m.len() <= MAX_CHUNK as u64 && !slots.contains_key(&id) => {
+                    slots.insert(
+                        id,
+                        Slot {
+                            off: LINKED,
+                            len: m.len() as u32,
+                            checked: false,
+                        },
+                    );
+                }
+                _ => {}
+            }
         }
         if good != raw.len() {
             tracing::warn!(dropped = raw.len() - good, "staging index had a torn tail");
@@ -162,7 +213,7 @@ impl Staging {
         if end != pack_len {
             pack.set_len(end).map_err(io("truncate", &pp))?;
         }
-        Ok(Staging {
+        let st = Staging {
             dir: dir.to_path_buf(),
             pack,
             index,
@@ -172,7 +223,56 @@ impl Staging {
             pending: Vec::new(),
             index_len: good as u64,
             unsynced: false,
-        })
+        };
+        st.purge();
+        Ok(st)
+    }
+
+    /// The directory chunks are linked into by [`Staging::put_linked`].
+    pub fn linked_dir(&self) -> PathBuf {
+        self.dir.join(LINKED_DIR)
+    }
+
+    /// The name in [`Staging::linked_dir`] of chunk `id`.
+    pub fn linked_name(id: &ChunkId) -> String {
+        id.to_hex()
+    }
+
+    /// Record chunk `id` of `len` bytes (checked by the caller), which the
+    /// caller has hard-linked as [`Staging::linked_name`] into
+    /// [`Staging::linked_dir`] from the temporary it built from it: a chunk
+    /// that is a whole file is then written to disk once, as that file,
+    /// and staged all the same (a restarted receiver reads it back from
+    /// the link). A chunk already staged is a no-op.
+    pub fn put_linked(&mut self, id: ChunkId, len: u32) -> Result<(), StoreError> {
+        if len as usize > MAX_CHUNK {
+            return Err(StoreError::TooLarge {
+                id,
+                len: len as usize,
+            });
+        }
+        if self.slots.contains_key(&id) {
+            return Ok(());
+        }
+        let slot = Slot {
+            off: LINKED,
+            len,
+            checked: true,
+        };
+        self.slots.insert(id, slot);
+        self.pending.push((id, slot));
+        Ok(())
+    }
+
+    /// Remove the links a [`Staging::clear`] set aside (not needed to
+    /// clear: the commit that cleared has their data in its temporaries).
+    pub fn purge(&self) {
+        let gone = self.dir.join(LINKED_GONE);
+        if let Err(e) = std::fs::remove_dir_all(&gone) {
+            if e.kind() != io::ErrorKind::NotFound {
+                tracing::warn!(path = %gone.display(), "cannot remove: {e}");
+            }
+        }
     }
 
     fn pack_err(&self, op: &'static str) -> impl FnOnce(io::Error) -> StoreError {
@@ -299,6 +399,19 @@ impl Staging {
     /// The verified bytes of a staged chunk.
     pub fn get(&self, id: &ChunkId) -> Option<Vec<u8>> {
         let slot = *self.slots.get(id)?;
+        if slot.off == LINKED {
+            let f = self.dir.join(LINKED_DIR).join(id.to_hex());
+            let file = OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(f)
+                .ok()?;
+            let mut data = Vec::with_capacity(slot.len as usize);
+            file.take(slot.len as u64 + 1).read_to_end(&mut data).ok()?;
+            return (data.len() == slot.len as usize
+                && (slot.checked || ChunkId::of(&data) == *id))
+                .then_some(data);
+        }
         let mut data = vec![0u8; slot.len as usize];
         if slot.off >= self.written {
             let start = (slot.off - self.written) as usize;
@@ -319,6 +432,22 @@ impl Staging {
         // whole, and read back they are checked.
         self.index.set_len(0).map_err(self.index_err("truncate"))?;
         self.pack.set_len(0).map_err(self.pack_err("truncate"))?;
+        let linked_dir = self.dir.join(LINKED_DIR);
+        if std::fs::read_dir(&linked_dir).is_ok_and(|mut d| d.next().is_some()) {
+            // One rename now; the links go in `purge`, after the commit.
+            let (linked, gone) = (linked_dir, self.dir.join(LINKED_GONE));
+            self.purge();
+            std::fs::rename(&linked, &gone).map_err(|source| StoreError::Io {
+                op: "rename",
+                path: linked.clone(),
+                source,
+            })?;
+            std::fs::create_dir(&linked).map_err(|source| StoreError::Io {
+                op: "create",
+                path: linked,
+                source,
+            })?;
+        }
         self.slots.clear();
         self.pending.clear();
         self.buf.clear();
@@ -426,6 +555,62 @@ impl ChunkSource for Sources<'_> {
 mod tests {
     use super::*;
     use std::io::Write;
+
+    /// A chunk that is a whole file is staged as a link to that file: it
+    /// survives a restart (read back and checked), a lost or damaged link
+    /// reads as missing, and clearing sets the links aside for `purge`.
+    #[test]
+    fn linked_chunks_survive_reopen_and_are_purged_after_clear() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (vec![3u8; 70_000], vec![4u8; 80_000]);
+        let (ia, ib) = (ChunkId::of(&a), ChunkId::of(&b));
+        let elsewhere = dir.path().join("built");
+        {
+            let mut s = Staging::open(dir.path()).unwrap();
+            for (id, data) in [(ia, &a), (ib, &b)] {
+                let f = elsewhere.with_extension(id.to_hex());
+                std::fs::write(&f, data).unwrap();
+                std::fs::hard_link(&f, s.linked_dir().join(Staging::linked_name(&id))).unwrap();
+                s.put_linked(id, data.len() as u32).unwrap();
+            }
+            assert_eq!(s.get(&ia).unwrap(), a);
+            s.put(ChunkId::of(b"small"), b"small").unwrap();
+            s.persist().unwrap();
+        }
+        // One link damaged behind our back: read as missing, not as data.
+        std::fs::write(s_path(dir.path(), &ib), vec![5u8; 80_000]).unwrap();
+        let s = Staging::open(dir.path()).unwrap();
+        assert_eq!(s.len(), 3);
+        assert_eq!(s.get(&ia).unwrap(), a, "checked on read after reopen");
+        assert!(s.get(&ib).is_none());
+        // A link whose record was never written is kept (checked on read).
+        let c = vec![6u8; 90_000];
+        std::fs::write(s_path(dir.path(), &ChunkId::of(&c)), &c).unwrap();
+        drop(s);
+        let s = Staging::open(dir.path()).unwrap();
+        assert_eq!(s.get(&ChunkId::of(&c)).unwrap(), c);
+        // A lost link drops its record on open.
+        std::fs::remove_file(s_path(dir.path(), &ia)).unwrap();
+        drop(s);
+        let mut s = Staging::open(dir.path()).unwrap();
+        assert!(!s.contains(&ia));
+        assert!(s.contains(&ChunkId::of(b"small")));
+        s.clear().unwrap();
+        assert!(s.is_empty());
+        assert!(dir.path().join(LINKED_GONE).exists(), "set aside by clear");
+        assert_eq!(std::fs::read_dir(s.linked_dir()).unwrap().count(), 0);
+        s.purge();
+        assert!(!dir.path().join(LINKED_GONE).exists());
+        // The built files themselves are untouched.
+        assert_eq!(
+            std::fs::read(elsewhere.with_extension(ia.to_hex())).unwrap(),
+            a
+        );
+    }
+
+    fn s_path(dir: &Path, id: &ChunkId) -> PathBuf {
+        dir.join(LINKED_DIR).join(Staging::linked_name(id))
+    }
 
     #[test]
     fn staging_survives_reopen_and_drops_a_torn_tail() {

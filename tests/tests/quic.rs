@@ -740,7 +740,20 @@ fn a_killed_receiver_resumes_without_resending() {
     assert!(unique > 10 << 20, "tree too small: {unique}");
     let args = serve_args(&srv, &[("t", &mirror)], &[cfp]);
     let mut agent = Agent::start(w, &args);
-    let pack = w.join(".mirror.sync-state/staging/pack");
+    // Staged bytes: the pack, and the chunks that are whole files, linked
+    // beside it.
+    let staging = w.join(".mirror.sync-state/staging");
+    let staged = || {
+        let linked: u64 = std::fs::read_dir(staging.join("linked"))
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| e.metadata().ok())
+                    .map(|m| m.len())
+                    .sum()
+            })
+            .unwrap_or(0);
+        std::fs::metadata(staging.join("pack")).map_or(0, |m| m.len()) + linked
+    };
 
     // Push in the background; kill the agent once a third has been staged.
     let mut cmd = Command::new(sync_cli());
@@ -755,10 +768,9 @@ fn a_killed_receiver_resumes_without_resending() {
     let first = cmd.spawn().unwrap();
     let deadline = Instant::now() + CMD_TIMEOUT;
     let staged_at_kill = loop {
-        let len = std::fs::metadata(&pack).map_or(0, |m| m.len());
-        if len >= unique / 3 {
+        if staged() >= unique / 3 {
             agent.kill();
-            break std::fs::metadata(&pack).map_or(0, |m| m.len());
+            break staged();
         }
         assert!(Instant::now() < deadline, "the push never got a third in");
         std::thread::sleep(Duration::from_millis(2));
