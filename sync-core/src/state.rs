@@ -17,7 +17,8 @@
 //! journal     intent of the last commit (see Journal): one sealed record
 //!             of fixed length, made once by a rename, then rewritten in
 //!             place (one sector: a write is whole or not at all)
-//! staging/    pack + index of received chunks (store::Staging)
+//! staging/    pack + index of received chunks, and linked/: chunks that
+//!             are whole files, as hard links to them (store::Staging)
 //! tmp/        files and symlinks under construction; tmp/t/ holds the
 //!             new subtrees built whole, each at its path in the tree
 //! trash/      removed subtrees awaiting deletion

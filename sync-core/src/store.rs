@@ -1,7 +1,7 @@
 //! Where the receiver finds chunk bytes: the durable staging area of chunks
 //! that arrived for the next commit ([`Staging`]: one pack file plus an
-//! index in the state directory, and a directory of chunks that are whole
-//! files: hard links to the temporaries built from them) and the files of the committed tree
+//! index in the state directory, and hard links to the temporaries built
+//! from chunks that are whole files) and the files of the committed tree
 //! ([`TreeChunks`]: a chunk-location index derived from the committed
 //! manifest). A chunk in either is never asked for again. Every read is
 //! checked against the chunk id; a mismatch reads as "missing". Blocking IO.
@@ -106,7 +106,9 @@ fn parse_record(r: &[u8]) -> Option<(ChunkId, Slot)> {
 /// crash of the process (the case resume is for) and leaves a power loss to
 /// the filesystem's ordering (a record past the pack's end is cut off on
 /// open, and a damaged chunk reads as missing: the receiver then drops its
-/// staging and asks again). A torn tail is cut off on open.
+/// staging and asks again). A torn tail is cut off on open. Chunks that are
+/// a whole file may instead be hard links in `linked/` (see
+/// [`Staging::put_linked`]), recorded the same way.
 #[derive(Debug)]
 pub struct Staging {
     dir: PathBuf,
