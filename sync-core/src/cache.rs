@@ -14,8 +14,9 @@ use crate::chunk::{ChunkRef, CDC_MAX};
 use crate::hash::{ChunkId, FileHash};
 
 const MAGIC: [u8; 4] = *b"SYHC";
-/// Version 2 added symlink targets; a version 1 file is still read.
-const VERSION: u16 = 2;
+/// Version 2 added symlink targets, version 3 the table that finds them
+/// (see [`LinkIndex`]); files of versions 1 and 2 are still read.
+const VERSION: u16 = 3;
 const MAX_RECORDS: usize = 256 << 20;
 /// Entries modified this close to the scan are not cached: a write within
 /// the filesystem's timestamp granularity could go unnoticed.
@@ -53,9 +54,41 @@ pub struct HashCache {
     /// Symlinks: the loaded file, and where in it each record starts (read
     /// in place: no allocation per link when loading or dropping).
     bytes: Loaded,
-    links: rustc_hash::FxHashMap<(u64, u64), usize>,
+    links: LinkIndex,
     /// Read intact from a file (an empty cache may also be one).
     loaded: bool,
+}
+
+/// Where each symlink record of a loaded file starts.
+#[derive(Debug)]
+enum LinkIndex {
+    /// Built when loading a version 2 file.
+    Map(rustc_hash::FxHashMap<(u64, u64), usize>),
+    /// Version 3: the records' section and an open-addressing table of
+    /// their offsets (plus one; 0 is a free slot), both read in place: a
+    /// cache of 85k symlinks loads without building anything (a map of
+    /// them took ~6 ms, before the walk could start). Every offset is
+    /// checked when followed; one that leads nowhere is a miss.
+    Table {
+        n: usize,
+        records: std::ops::Range<usize>,
+        table: std::ops::Range<usize>,
+    },
+}
+
+impl Default for LinkIndex {
+    fn default() -> Self {
+        LinkIndex::Map(Default::default())
+    }
+}
+
+/// The slot of (dev, inode) in a table of `2^bits` slots.
+fn slot_of(dev: u64, ino: u64, bits: u32) -> usize {
+    let h = (ino ^ dev.rotate_left(32)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    match bits {
+        0 => 0,
+        b => (h >> (64 - b)) as usize,
+    }
 }
 
 /// The bytes of a loaded cache file: mapped (the page cache's own pages,
@@ -137,34 +170,87 @@ impl HashCache {
 
     /// Symlinks held.
     pub fn link_count(&self) -> usize {
-        self.links.len()
+        match &self.links {
+            LinkIndex::Map(m) => m.len(),
+            LinkIndex::Table { n, .. } => *n,
+        }
     }
 
     /// The cached target of a symlink whose stat matches exactly.
     pub fn get_link(&self, key: &StatKey) -> Option<&[u8]> {
-        let (k, target) = self.link_at(*self.links.get(&(key.dev, key.ino))?);
+        let (k, target) = self.find_link(key.dev, key.ino)?;
         (k == *key).then_some(target)
     }
 
     /// Every symlink, as [`save`] takes them.
-    pub fn link_records(&self) -> impl Iterator<Item = LinkRecord> + '_ {
-        self.links.values().map(|&at| {
-            let (k, target) = self.link_at(at);
-            (k, target.into())
-        })
+    pub fn link_records(&self) -> Box<dyn Iterator<Item = LinkRecord> + '_> {
+        let record = |(k, target): (StatKey, &[u8])| (k, target.into());
+        match &self.links {
+            LinkIndex::Map(m) => Box::new(
+                m.values()
+                    .filter_map(move |&at| self.link_at(at))
+                    .map(record),
+            ),
+            LinkIndex::Table { records, .. } => {
+                let mut at = records.start;
+                let end = records.end;
+                Box::new(
+                    std::iter::from_fn(move || {
+                        let (k, target) = self.link_at(at).filter(|_| at < end)?;
+                        at += LINK_HEAD + target.len();
+                        Some((k, target))
+                    })
+                    .map(record),
+                )
+            }
+        }
     }
 
     /// The symlink of one (dev, inode), as [`save`] takes it.
     pub fn link_record(&self, dev: u64, ino: u64) -> Option<LinkRecord> {
-        let (k, target) = self.link_at(*self.links.get(&(dev, ino))?);
+        let (k, target) = self.find_link(dev, ino)?;
         Some((k, target.into()))
     }
 
-    /// The link record at `at` in the loaded file (checked by [`decode`]).
-    fn link_at(&self, at: usize) -> (StatKey, &[u8]) {
-        let b = &self.bytes[at..];
-        let v = |i: usize| u64::from_le_bytes(b[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
-        let len = u16::from_le_bytes([b[40], b[41]]) as usize;
+    /// The link record of (dev, inode), if held.
+    fn find_link(&self, dev: u64, ino: u64) -> Option<(StatKey, &[u8])> {
+        match &self.links {
+            LinkIndex::Map(m) => self.link_at(*m.get(&(dev, ino))?),
+            LinkIndex::Table { records, table, .. } => {
+                let slots = (table.end - table.start) / 4;
+                let bits = slots.trailing_zeros();
+                let mut i = slot_of(dev, ino, bits);
+                // Bounded: a damaged table full of taken slots ends too.
+                for _ in 0..slots {
+                    let e = table.start + i * 4;
+                    let v = u32::from_le_bytes(self.bytes[e..e + 4].try_into().expect("4 bytes"));
+                    if v == 0 {
+                        return None;
+                    }
+                    let at = v as usize - 1;
+                    if records.contains(&at) {
+                        if let Some((k, target)) = self.link_at(at) {
+                            if (k.dev, k.ino) == (dev, ino) {
+                                return Some((k, target));
+                            }
+                        }
+                    }
+                    i = (i + 1) & (slots - 1);
+                }
+                None
+            }
+        }
+    }
+
+    /// The link record at `at` in the loaded file, if one fits there.
+    fn link_at(&self, at: usize) -> Option<(StatKey, &[u8])> {
+        let b = self.bytes.get(at..)?;
+        let head = b.get(..LINK_HEAD)?;
+        let v = |i: usize| u64::from_le_bytes(head[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+        let len = u16::from_le_bytes([head[40], head[41]]) as usize;
+        if len == 0 || len > MAX_TARGET {
+            return None;
+        }
         let key = StatKey {
             dev: v(0),
             ino: v(1),
@@ -172,7 +258,7 @@ impl HashCache {
             mtime_ns: v(3) as i64,
             ctime_ns: v(4) as i64,
         };
-        (key, &b[LINK_HEAD..LINK_HEAD + len])
+        Some((key, b.get(LINK_HEAD..LINK_HEAD + len)?))
     }
 
     /// Every record, as [`save`] takes them.
@@ -241,12 +327,39 @@ pub fn save(
         .filter(|(_, t)| !t.is_empty() && t.len() <= MAX_TARGET)
         .collect();
     out.extend_from_slice(&(links.len() as u64).to_le_bytes());
-    for (k, target) in links {
+    let section_len: usize = links.iter().map(|(_, t)| LINK_HEAD + t.len()).sum();
+    out.extend_from_slice(&(section_len as u64).to_le_bytes());
+    let start = out.len();
+    let mut at = Vec::with_capacity(links.len());
+    for (k, target) in &links {
+        at.push((k.dev, k.ino, out.len()));
         for v in [k.dev, k.ino, k.size, k.mtime_ns as u64, k.ctime_ns as u64] {
             out.extend_from_slice(&v.to_le_bytes());
         }
         out.extend_from_slice(&(target.len() as u16).to_le_bytes());
         out.extend_from_slice(target);
+    }
+    debug_assert_eq!(out.len() - start, section_len);
+    // The table: twice as many slots as links, a power of two; none if an
+    // offset would not fit its u32 (the loader then builds a map).
+    let slots = match out.len() < u32::MAX as usize {
+        true if !at.is_empty() => (2 * at.len()).next_power_of_two(),
+        _ => 0,
+    };
+    let mut table = vec![0u32; slots];
+    if slots > 0 {
+        let bits = slots.trailing_zeros();
+        for (dev, ino, off) in at {
+            let mut i = slot_of(dev, ino, bits);
+            while table[i] != 0 {
+                i = (i + 1) & (slots - 1);
+            }
+            table[i] = off as u32 + 1;
+        }
+    }
+    out.extend_from_slice(&(slots as u64).to_le_bytes());
+    for v in table {
+        out.extend_from_slice(&v.to_le_bytes());
     }
     let tmp = tmp_name(path);
     let mut f = std::fs::File::create(&tmp)?;
@@ -261,11 +374,8 @@ fn tmp_name(path: &Path) -> PathBuf {
     path.with_file_name(name)
 }
 
-/// File records, and the offset of each link record.
-type Decoded = (
-    rustc_hash::FxHashMap<(u64, u64), Cached>,
-    rustc_hash::FxHashMap<(u64, u64), usize>,
-);
+/// File records, and where the link records are.
+type Decoded = (rustc_hash::FxHashMap<(u64, u64), Cached>, LinkIndex);
 
 fn decode(bytes: &[u8]) -> Option<Decoded> {
     fn take<'b>(r: &mut &'b [u8], n: usize) -> Option<&'b [u8]> {
@@ -320,6 +430,44 @@ fn decode(bytes: &[u8]) -> Option<Decoded> {
             },
         );
     }
+    if version >= 3 {
+        let n = u64::from_le_bytes(take(&mut r, 8)?.try_into().ok()?) as usize;
+        let len = u64::from_le_bytes(take(&mut r, 8)?.try_into().ok()?) as usize;
+        if n > MAX_RECORDS || n.checked_mul(LINK_HEAD + 1)? > len || (n == 0) != (len == 0) {
+            return None;
+        }
+        let start = bytes.len() - r.len();
+        take(&mut r, len)?;
+        let slots = u64::from_le_bytes(take(&mut r, 8)?.try_into().ok()?) as usize;
+        let table_start = bytes.len() - r.len();
+        if !(slots == 0 || slots.is_power_of_two() && slots >= n)
+            || r.len() != slots.checked_mul(4)?
+        {
+            return None;
+        }
+        if slots == 0 && n > 0 {
+            // Too large a file for u32 offsets: find them by reading.
+            let mut m = rustc_hash::FxHashMap::default();
+            let mut at = start;
+            for _ in 0..n {
+                let head = bytes.get(at..at + LINK_HEAD)?;
+                let tlen = u16::from_le_bytes([head[40], head[41]]) as usize;
+                let dev = u64::from_le_bytes(head[..8].try_into().ok()?);
+                let ino = u64::from_le_bytes(head[8..16].try_into().ok()?);
+                m.insert((dev, ino), at);
+                at += LINK_HEAD + tlen;
+            }
+            return (at == start + len).then_some((map, LinkIndex::Map(m)));
+        }
+        return Some((
+            map,
+            LinkIndex::Table {
+                n,
+                records: start..start + len,
+                table: table_start..bytes.len(),
+            },
+        ));
+    }
     let mut links = rustc_hash::FxHashMap::default();
     if version >= 2 {
         let n = u64::from_le_bytes(take(&mut r, 8)?.try_into().ok()?) as usize;
@@ -340,7 +488,7 @@ fn decode(bytes: &[u8]) -> Option<Decoded> {
             links.insert((dev, ino), at);
         }
     }
-    r.is_empty().then_some((map, links))
+    r.is_empty().then_some((map, LinkIndex::Map(links)))
 }
 
 /// Where `sync-cli scan` keeps the cache of a tree by default:
@@ -361,6 +509,38 @@ pub fn default_path(root: &Path) -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Many symlinks: each is found through the table, none is invented.
+    #[test]
+    fn link_table_finds_every_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c");
+        let links: Vec<LinkRecord> = (0..5000u64)
+            .map(|i| {
+                let t = format!("../../target/{i}").into_bytes();
+                let k = StatKey {
+                    dev: 7 + i % 3,
+                    ino: i * 31,
+                    size: t.len() as u64,
+                    mtime_ns: i as i64,
+                    ctime_ns: 1,
+                };
+                (k, t.into())
+            })
+            .collect();
+        save(&path, &[], &links).unwrap();
+        let c = HashCache::load(&path);
+        assert_eq!(c.link_count(), links.len());
+        for (k, t) in &links {
+            assert_eq!(c.get_link(k), Some(&t[..]));
+            assert_eq!(c.link_record(k.dev, k.ino).unwrap().1, *t);
+            assert_eq!(c.get_link(&StatKey { mtime_ns: -1, ..*k }), None);
+        }
+        assert_eq!(c.link_record(99, 31), None);
+        let mut all: Vec<_> = c.link_records().collect();
+        all.sort_by_key(|(k, _)| k.ino);
+        assert_eq!(all, links);
+    }
 
     #[test]
     fn round_trip_and_damage() {
@@ -402,14 +582,35 @@ mod tests {
             None
         );
         assert_eq!(c.get_link(&key), None, "a file is no link");
+        assert_eq!(c.link_records().count(), 1);
+        // Version 3: counts, the records (42 + 9 bytes), the table (2 slots).
+        let v3 = std::fs::read(&path).unwrap();
+        let links_at = v3.len() - (8 + 8 + 51 + 8 + 2 * 4);
+        // A version 2 file (no section length, no table) still loads.
+        let mut v2 = v3[..links_at + 8].to_vec();
+        v2.extend_from_slice(&v3[links_at + 16..links_at + 16 + 51]);
+        v2[4..6].copy_from_slice(&2u16.to_le_bytes());
+        std::fs::write(&path, &v2).unwrap();
+        let c = HashCache::load(&path);
+        assert_eq!(c.get_link(&link), Some(&target[..]), "version 2");
         // A version 1 file (no links) still loads.
-        let mut v1 = std::fs::read(&path).unwrap();
-        let links_at = v1.len() - (8 + 40 + 2 + 9);
-        v1.truncate(links_at);
+        let mut v1 = v3[..links_at].to_vec();
         v1[4..6].copy_from_slice(&1u16.to_le_bytes());
         std::fs::write(&path, &v1).unwrap();
         let c = HashCache::load(&path);
         assert!(c.loaded() && c.get(&key).is_some() && c.link_count() == 0);
+        // Table slots that lead anywhere else are misses, never a panic.
+        for bad in [1u32, 2, 60, u32::MAX, (links_at + 16 + 2) as u32] {
+            let mut b = v3.clone();
+            let table = b.len() - 8;
+            for slot in 0..2 {
+                b[table + slot * 4..table + slot * 4 + 4].copy_from_slice(&bad.to_le_bytes());
+            }
+            std::fs::write(&path, &b).unwrap();
+            let c = HashCache::load(&path);
+            assert_eq!(c.get_link(&link), None, "offset {bad}");
+            assert_eq!(c.get_link(&StatKey { ino: 77, ..link }), None);
+        }
         save(
             &path,
             &[(key, FileHash([9; 32]), chunks.clone())],
