@@ -57,6 +57,8 @@ pub struct HashCache {
     links: LinkIndex,
     /// Read intact from a file (an empty cache may also be one).
     loaded: bool,
+    /// The file is of an older version (rewritten by the next save).
+    old_format: bool,
 }
 
 /// Where each symlink record of a loaded file starts.
@@ -141,6 +143,8 @@ impl HashCache {
         match Loaded::open(path) {
             Ok(bytes) => match decode(&bytes) {
                 Some((old, links)) => HashCache {
+                    old_format: matches!(links, LinkIndex::Map(_))
+                        && bytes.get(4..6) != Some(&VERSION.to_le_bytes()[..]),
                     old,
                     bytes,
                     links,
@@ -158,6 +162,12 @@ impl HashCache {
     /// True if this cache was read intact from its file.
     pub fn loaded(&self) -> bool {
         self.loaded
+    }
+
+    /// True if its file is of an older format: worth saving even when no
+    /// record changed.
+    pub fn old_format(&self) -> bool {
+        self.old_format
     }
 
     pub fn len(&self) -> usize {
@@ -571,6 +581,7 @@ mod tests {
         )
         .unwrap();
         let c = HashCache::load(&path);
+        assert!(!c.old_format());
         assert_eq!(c.get(&key).unwrap().chunks, chunks);
         assert!(c.get(&StatKey { ctime_ns: 6, ..key }).is_none());
         assert_eq!(c.get_link(&link), Some(&target[..]));
@@ -593,6 +604,7 @@ mod tests {
         std::fs::write(&path, &v2).unwrap();
         let c = HashCache::load(&path);
         assert_eq!(c.get_link(&link), Some(&target[..]), "version 2");
+        assert!(c.old_format(), "rewritten by the next save");
         // A version 1 file (no links) still loads.
         let mut v1 = v3[..links_at].to_vec();
         v1[4..6].copy_from_slice(&1u16.to_le_bytes());

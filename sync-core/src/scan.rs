@@ -332,6 +332,7 @@ impl CacheUpdate {
             kept.len() == loaded && kept.windows(2).all(|w| w[0] != w[1])
         };
         cache.loaded()
+            && !cache.old_format()
             && self.files.is_empty()
             && self.links.is_empty()
             && once(&mut self.kept, cache.len())
