@@ -56,6 +56,9 @@ const CATCH_UP_READ: usize = 1 << 20;
 /// Staging jobs at most at once: one builds its files' temporaries while
 /// another stages.
 const STORE_JOBS: usize = 2;
+/// Chunk bytes staged at most while the commit is planned ahead (see
+/// `drive_sink`).
+const UNPLANNED_MAX: usize = 64 << 20;
 /// How long a finished stream waits for the peer to acknowledge its data.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest file of tree objects kept for a resumed tree fetch.
@@ -827,6 +830,8 @@ pub async fn drive_sink(
     let prebuilder: Arc<Mutex<Option<Arc<Prebuilder>>>> = Arc::default();
     // A plan is being made ahead; a commit asked meanwhile waits here.
     let mut planning = false;
+    // Chunk bytes staged with no plan to build their files yet.
+    let mut unplanned = 0usize;
     let mut held_commit: Option<Box<dyn FnOnce() -> Job + Send>> = None;
     let mut jobs: JoinSet<Job> = JoinSet::new();
     let mut outcome: Option<Result<Summary, DriveError>> = None;
@@ -936,7 +941,12 @@ pub async fn drive_sink(
                 }
             }
         }
-        if storing < STORE_JOBS && !to_store.is_empty() && outcome.is_none() {
+        // While the plan is made, only a bounded amount is staged without
+        // its files built: past it the sender waits for the plan (what
+        // arrives before it is read back from staging to build its files,
+        // or built by the commit, both slower than building as it comes).
+        let plan_wait = planning && unplanned >= UNPLANNED_MAX;
+        if storing < STORE_JOBS && !to_store.is_empty() && outcome.is_none() && !plan_wait {
             storing += 1;
             // Bounded jobs: a crash loses at most their chunks, which the
             // next session asks for again.
@@ -950,6 +960,9 @@ pub async fn drive_sink(
                 }
             }
             let builder = prebuilder.lock().expect("slot").clone();
+            if builder.is_none() {
+                unplanned += bytes;
+            }
             let recv = io.recv.clone();
             let staging_ns = staging_ns.clone();
             blocking(&mut jobs, move || {
