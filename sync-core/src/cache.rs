@@ -65,7 +65,7 @@ pub struct HashCache {
 #[derive(Debug)]
 enum LinkIndex {
     /// Built when loading a version 2 file.
-    Map(rustc_hash::FxHashMap<(u64, u64), usize>),
+    Map(LinkMap),
     /// Version 3: the records' section and an open-addressing table of
     /// their offsets (plus one; 0 is a free slot), both read in place: a
     /// cache of 85k symlinks loads without building anything (a map of
@@ -457,17 +457,8 @@ fn decode(bytes: &[u8]) -> Option<Decoded> {
         }
         if slots == 0 && n > 0 {
             // Too large a file for u32 offsets: find them by reading.
-            let mut m = rustc_hash::FxHashMap::default();
-            let mut at = start;
-            for _ in 0..n {
-                let head = bytes.get(at..at + LINK_HEAD)?;
-                let tlen = u16::from_le_bytes([head[40], head[41]]) as usize;
-                let dev = u64::from_le_bytes(head[..8].try_into().ok()?);
-                let ino = u64::from_le_bytes(head[8..16].try_into().ok()?);
-                m.insert((dev, ino), at);
-                at += LINK_HEAD + tlen;
-            }
-            return (at == start + len).then_some((map, LinkIndex::Map(m)));
+            let (m, end) = map_links(bytes, start, n)?;
+            return (end == start + len).then_some((map, LinkIndex::Map(m)));
         }
         return Some((
             map,
@@ -484,21 +475,35 @@ fn decode(bytes: &[u8]) -> Option<Decoded> {
         if n > MAX_RECORDS || n > bytes.len() / (LINK_HEAD + 1) {
             return None;
         }
-        links.reserve(n);
-        for _ in 0..n {
-            let at = bytes.len() - r.len();
-            let head = take(&mut r, LINK_HEAD)?;
-            let len = u16::from_le_bytes([head[40], head[41]]) as usize;
-            if len == 0 || len > MAX_TARGET {
-                return None;
-            }
-            take(&mut r, len)?;
-            let dev = u64::from_le_bytes(head[..8].try_into().ok()?);
-            let ino = u64::from_le_bytes(head[8..16].try_into().ok()?);
-            links.insert((dev, ino), at);
-        }
+        let start = bytes.len() - r.len();
+        let end;
+        (links, end) = map_links(bytes, start, n)?;
+        take(&mut r, end - start)?;
     }
     r.is_empty().then_some((map, LinkIndex::Map(links)))
+}
+
+/// Where each link record starts, by (dev, inode).
+type LinkMap = rustc_hash::FxHashMap<(u64, u64), usize>;
+
+/// The offset of each of the `n` link records from `start` in `bytes`,
+/// every one checked to fit, and where they end.
+fn map_links(bytes: &[u8], start: usize, n: usize) -> Option<(LinkMap, usize)> {
+    let mut m = rustc_hash::FxHashMap::default();
+    m.reserve(n);
+    let mut at = start;
+    for _ in 0..n {
+        let head = bytes.get(at..at.checked_add(LINK_HEAD)?)?;
+        let len = u16::from_le_bytes([head[40], head[41]]) as usize;
+        if len == 0 || len > MAX_TARGET || at + LINK_HEAD + len > bytes.len() {
+            return None;
+        }
+        let dev = u64::from_le_bytes(head[..8].try_into().ok()?);
+        let ino = u64::from_le_bytes(head[8..16].try_into().ok()?);
+        m.insert((dev, ino), at);
+        at += LINK_HEAD + len;
+    }
+    Some((m, at))
 }
 
 /// Where `sync-cli scan` keeps the cache of a tree by default:

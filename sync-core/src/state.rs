@@ -518,10 +518,9 @@ impl StateDir {
     }
 
     /// [`StateDir::append_trees`] without making them durable: a commit
-    /// syncs the whole filesystem once for its temporaries, these trees
-    /// and its staged journal, before it publishes the journal (whose
-    /// rename is made durable with the log's name, in the same directory).
-    /// Returns the log's new length.
+    /// syncs the whole filesystem once for its temporaries and these trees
+    /// (a new log's name included) before it writes the journal naming
+    /// them. Returns the log's new length.
     pub fn write_trees<'a>(
         &self,
         gen: u64,
