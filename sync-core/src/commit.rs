@@ -37,7 +37,6 @@ use std::collections::HashSet;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -1448,7 +1447,7 @@ fn build_file(
             });
         }
         crashpoint::check_write().map_err(werr)?;
-        file.write_all_at(&data, off).map_err(werr)?;
+        crate::safefs::write_all_at(&file, &data, off).map_err(werr)?;
         if let Some(h) = hasher.as_mut() {
             h.update(&data);
         }

@@ -51,6 +51,28 @@ impl SafeFsError {
     }
 }
 
+/// The most one `write` hands the kernel at a time (see [`write_all_at`]).
+pub const WRITE_PIECE: usize = 64 << 10;
+
+/// Write all of `data` at `off`, at most [`WRITE_PIECE`] bytes per call.
+///
+/// The page cache sizes the folios of a file by the length of the write
+/// that creates them: one multi-megabyte write asks for large folios, which
+/// come from the free lists' high-order blocks, the blocks a virtual
+/// machine's free page reporting has handed back to its host. Each first
+/// touch of such a block then waits for the host. Measured here, 1.48 GB
+/// written as one call per file took 0.9-3.4 s; the same in 64 KiB pieces
+/// 0.54-0.57 s. The extra calls cost nothing beside that.
+pub fn write_all_at(file: &File, data: &[u8], off: u64) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut at = off;
+    for piece in data.chunks(WRITE_PIECE) {
+        file.write_all_at(piece, at)?;
+        at += piece.len() as u64;
+    }
+    Ok(())
+}
+
 /// Refuse empty, absolute, `..`, NUL-holding or overlong relative paths.
 pub fn check_path(rel: &[u8]) -> Result<(), SafeFsError> {
     validate_rel_path(rel).map_err(|e| SafeFsError::Unsafe {
@@ -263,6 +285,19 @@ pub fn list_dir(dir: &OwnedFd) -> Result<Vec<Vec<u8>>, Errno> {
 mod tests {
     use super::*;
     use std::os::unix::fs::symlink;
+
+    #[test]
+    fn writes_in_pieces_land_where_one_write_would() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let f = File::create(&path).unwrap();
+        let data: Vec<u8> = (0..WRITE_PIECE * 3 + 17).map(|i| (i * 7 % 251) as u8).collect();
+        write_all_at(&f, b"head", 0).unwrap();
+        write_all_at(&f, &data, 4).unwrap();
+        let back = std::fs::read(&path).unwrap();
+        assert_eq!(&back[..4], b"head");
+        assert_eq!(&back[4..], &data[..]);
+    }
 
     #[test]
     fn refuses_symlinks_and_escapes_on_both_paths() {

@@ -560,7 +560,7 @@ impl StateDir {
             encode_log_record(&mut buf, id, packed);
         }
         crashpoint::check_write().map_err(ioe("write", &p))?;
-        std::os::unix::fs::FileExt::write_all_at(&f, &buf, at).map_err(ioe("write", &p))?;
+        crate::safefs::write_all_at(&f, &buf, at).map_err(ioe("write", &p))?;
         Ok((f, at + buf.len() as u64))
     }
 

@@ -329,8 +329,7 @@ impl Staging {
             return Ok(());
         }
         crashpoint::check_write().map_err(self.pack_err("write"))?;
-        self.pack
-            .write_all_at(&self.buf, self.written)
+        crate::safefs::write_all_at(&self.pack, &self.buf, self.written)
             .map_err(self.pack_err("write"))?;
         self.written += self.buf.len() as u64;
         self.buf.clear();
