@@ -27,7 +27,9 @@ use sync_core::safefs::Root;
 use sync_core::session::{
     ChunkLocator, SessionError, SinkEvent, SinkSession, SourceEvent, SourceSession, Summary,
 };
-use sync_core::wire::{encode, ErrorCode, Frame, FrameDecoder, WireError};
+use sync_core::wire::{
+    encode, encode_parts, ChunkDecoder, ErrorCode, Frame, FrameDecoder, WireError,
+};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
@@ -299,19 +301,10 @@ pub async fn read_frame(
     }
 }
 
-async fn read_frames(
-    mut recv: RecvStream,
-    mut dec: FrameDecoder,
-    tx: mpsc::Sender<Input>,
-    data: bool,
-) {
+async fn read_frames(mut recv: RecvStream, mut dec: FrameDecoder, tx: mpsc::Sender<Input>) {
     loop {
         loop {
             let input = match dec.next_frame() {
-                Ok(Some(f)) if data && !matches!(f, Frame::Chunks { .. }) => {
-                    let _ = tx.send(Input::Misplaced(f.name())).await;
-                    return;
-                }
                 Ok(Some(f)) => Input::Frame(f),
                 Ok(None) => break,
                 Err(e) => {
@@ -331,21 +324,50 @@ async fn read_frames(
                 }
             }
             Ok(None) => {
-                match dec.finish() {
-                    Err(e) => {
-                        let _ = tx.send(Input::Bad(e)).await;
-                    }
-                    Ok(()) if !data => {
-                        let _ = tx.send(Input::ControlEnd).await;
-                    }
-                    Ok(()) => {}
-                }
+                let _ = match dec.finish() {
+                    Err(e) => tx.send(Input::Bad(e)).await,
+                    Ok(()) => tx.send(Input::ControlEnd).await,
+                };
                 return;
             }
             Err(e) => {
                 let _ = tx.send(Input::Lost(e.to_string())).await;
                 return;
             }
+        }
+    }
+}
+
+/// The reader of one data stream: only `Chunks` frames, their contents
+/// copied once, from the received pieces into each chunk's own buffer.
+async fn read_data(mut recv: RecvStream, tx: mpsc::Sender<Input>) {
+    let mut dec = ChunkDecoder::new();
+    loop {
+        let (pushed, end) = match recv.read_chunk(1 << 20, true).await {
+            Ok(Some(c)) => (dec.push(&c.bytes), false),
+            Ok(None) => (dec.finish(), true),
+            Err(e) => {
+                let _ = tx.send(Input::Lost(e.to_string())).await;
+                return;
+            }
+        };
+        // The frames completed before a failure go first.
+        while let Some(f) = dec.next_frame() {
+            if tx.send(Input::Frame(f)).await.is_err() {
+                return;
+            }
+        }
+        match pushed {
+            Err(WireError::Misplaced(name)) => {
+                let _ = tx.send(Input::Misplaced(name)).await;
+                return;
+            }
+            Err(e) => {
+                let _ = tx.send(Input::Bad(e)).await;
+                return;
+            }
+            Ok(()) if end => return,
+            Ok(()) => {}
         }
     }
 }
@@ -361,7 +383,7 @@ async fn accept_data(conn: Connection, tx: mpsc::Sender<Input>) {
                     let _ = tx.send(Input::TooManyStreams).await;
                     break;
                 }
-                readers.spawn(read_frames(recv, FrameDecoder::new(), tx.clone(), true));
+                readers.spawn(read_data(recv, tx.clone()));
             }
             Err(e) => {
                 let _ = tx.send(Input::Lost(e.to_string())).await;
@@ -374,17 +396,35 @@ async fn accept_data(conn: Connection, tx: mpsc::Sender<Input>) {
     drop(readers);
 }
 
-async fn write_frames(
+/// Encoded frames on their way to a stream: one buffer, or the parts of
+/// [`encode_parts`] (chunk contents handed to quinn without a copy).
+struct Outgoing(Vec<Vec<u8>>);
+
+impl From<Vec<u8>> for Outgoing {
+    fn from(buf: Vec<u8>) -> Outgoing {
+        Outgoing(vec![buf])
+    }
+}
+
+impl From<Vec<Vec<u8>>> for Outgoing {
+    fn from(parts: Vec<Vec<u8>>) -> Outgoing {
+        Outgoing(parts)
+    }
+}
+
+async fn write_frames<T: Into<Outgoing>>(
     mut send: SendStream,
-    mut rx: mpsc::Receiver<Vec<u8>>,
+    mut rx: mpsc::Receiver<T>,
     limit: Option<Arc<RateLimit>>,
 ) -> Result<(), String> {
-    while let Some(buf) = rx.recv().await {
+    while let Some(out) = rx.recv().await {
+        let Outgoing(parts) = out.into();
         if let Some(l) = &limit {
-            l.acquire(buf.len()).await;
+            l.acquire(parts.iter().map(Vec::len).sum()).await;
         }
-        // Handed over whole: quinn keeps the buffer instead of copying it.
-        send.write_chunk(bytes::Bytes::from(buf))
+        // Handed over whole: quinn keeps the buffers instead of copying them.
+        let mut bufs: Vec<bytes::Bytes> = parts.into_iter().map(bytes::Bytes::from).collect();
+        send.write_all_chunks(&mut bufs)
             .await
             .map_err(|e| e.to_string())?;
     }
@@ -480,7 +520,6 @@ pub async fn drive_source(
         link.control_recv,
         link.decoder,
         in_tx,
-        false,
     )));
     let (ctl_tx, ctl_rx) = mpsc::channel::<Vec<u8>>(WRITE_QUEUE);
     let limit = opts.rate_limit.clone();
@@ -499,7 +538,7 @@ pub async fn drive_source(
     for _ in 0..n {
         match link.conn.open_uni().await {
             Ok(s) => {
-                let (tx, rx) = mpsc::channel::<Vec<u8>>(WRITE_QUEUE);
+                let (tx, rx) = mpsc::channel::<Vec<Vec<u8>>>(WRITE_QUEUE);
                 writers.push(tokio::spawn(write_frames(s, rx, limit.clone())));
                 data_tx.push(tx);
             }
@@ -510,7 +549,7 @@ pub async fn drive_source(
         }
     }
     let mut ctl_out: VecDeque<Vec<u8>> = VecDeque::new();
-    let mut data_out: VecDeque<Vec<u8>> = VecDeque::new();
+    let mut data_out: VecDeque<Vec<Vec<u8>>> = VecDeque::new();
     let mut to_read: VecDeque<ChunkId> = VecDeque::new();
     let mut reading = 0usize;
     let mut indexing = false;
@@ -526,7 +565,7 @@ pub async fn drive_source(
             }
             match ch {
                 sync_core::session::Channel::Control => ctl_out.push_back(encode(&f)),
-                sync_core::session::Channel::Data => data_out.push_back(encode(&f)),
+                sync_core::session::Channel::Data => data_out.push_back(encode_parts(f)),
             }
         }
         while let Some(ev) = session.poll_event() {
@@ -666,10 +705,10 @@ pub async fn drive_source(
     }
 }
 
-fn lost<T>(
+fn lost<T, D>(
     outcome: &mut Option<Result<T, DriveError>>,
     a: &mut VecDeque<Vec<u8>>,
-    b: &mut VecDeque<Vec<u8>>,
+    b: &mut VecDeque<D>,
     msg: &str,
 ) {
     tracing::debug!("session cut: {msg}");
@@ -811,7 +850,6 @@ pub async fn drive_sink(
         link.control_recv,
         link.decoder,
         in_tx.clone(),
-        false,
     )));
     let _acceptor = Task(tokio::spawn(accept_data(link.conn.clone(), in_tx)));
     let (ctl_tx, ctl_rx) = mpsc::channel::<Vec<u8>>(WRITE_QUEUE);

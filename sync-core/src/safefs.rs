@@ -291,7 +291,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
         let f = File::create(&path).unwrap();
-        let data: Vec<u8> = (0..WRITE_PIECE * 3 + 17).map(|i| (i * 7 % 251) as u8).collect();
+        let data: Vec<u8> = (0..WRITE_PIECE * 3 + 17)
+            .map(|i| (i * 7 % 251) as u8)
+            .collect();
         write_all_at(&f, b"head", 0).unwrap();
         write_all_at(&f, &data, 4).unwrap();
         let back = std::fs::read(&path).unwrap();

@@ -331,6 +331,8 @@ pub enum WireError {
     Limit { kind: &'static str, what: String },
     #[error("stream ended inside a frame ({0} bytes left over)")]
     Truncated(usize),
+    #[error("{0} frame on a data stream")]
+    Misplaced(&'static str),
 }
 
 fn config() -> impl bincode::config::Config {
@@ -407,6 +409,50 @@ pub fn try_encode(frame: &Frame) -> Result<Vec<u8>, WireError> {
         });
     }
     Ok(out)
+}
+
+/// Raw byte vectors at least this long travel as their own part in
+/// [`encode_parts`]; shorter ones are copied in beside their prefix.
+const PART_MIN: usize = 4 << 10;
+
+/// The encoding of `frame` as buffers whose concatenation is exactly
+/// [`encode`]'s, taking the frame by value: the chunk contents of a
+/// `Chunks` frame (and the objects of a `Trees` frame) of at least 4 KiB
+/// become parts of their own, moved instead of copied into one buffer.
+pub fn encode_parts(frame: Frame) -> Vec<Vec<u8>> {
+    let ty = frame.frame_type();
+    match frame {
+        Frame::Chunks { chunks } => pairs_parts(ty, chunks),
+        Frame::Trees { trees } => pairs_parts(ty, trees),
+        other => vec![encode(&other)],
+    }
+}
+
+fn pairs_parts<K: Serialize>(ty: FrameType, pairs: Vec<(K, Vec<u8>)>) -> Vec<Vec<u8>> {
+    fn put<T: Serialize>(v: &T, out: &mut Vec<u8>) {
+        bincode::serde::encode_into_std_write(v, out, bincode::config::standard())
+            .expect("encoding into a Vec cannot fail");
+    }
+    let mut parts = Vec::new();
+    let mut cur = vec![0, 0, 0, 0, ty as u8];
+    put(&(pairs.len() as u64), &mut cur);
+    for (key, data) in pairs {
+        // What `BytePairs` writes: the key, the byte length, the bytes.
+        put(&key, &mut cur);
+        put(&(data.len() as u64), &mut cur);
+        if data.len() >= PART_MIN {
+            parts.push(std::mem::take(&mut cur));
+            parts.push(data);
+        } else {
+            cur.extend_from_slice(&data);
+        }
+    }
+    if !cur.is_empty() {
+        parts.push(cur);
+    }
+    let len = (parts.iter().map(Vec::len).sum::<usize>() - HEADER_LEN) as u32;
+    parts[0][..4].copy_from_slice(&len.to_le_bytes());
+    parts
 }
 
 fn body<T: DeserializeOwned>(kind: &'static str, payload: &[u8]) -> Result<T, WireError> {
@@ -593,6 +639,222 @@ impl FrameDecoder {
             n => Err(WireError::Truncated(n)),
         }
     }
+}
+
+/// Streaming decoder for a data stream, which carries only `Chunks`
+/// frames. Each chunk's bytes go from the received pieces straight into
+/// that chunk's own buffer, sized from its length prefix (checked against
+/// the frame's remaining length first): one copy, where [`FrameDecoder`]
+/// gathers the whole frame and then copies every chunk out of it. The
+/// frames, limits and refusals are [`FrameDecoder`]'s; a frame of another
+/// type fails as [`WireError::Misplaced`] once its header is in.
+#[derive(Debug, Default)]
+pub struct ChunkDecoder {
+    step: ChunkStep,
+    /// Header, count or chunk prefix bytes gathered so far.
+    hold: Vec<u8>,
+    /// Payload bytes of the current frame not consumed yet.
+    frame_left: usize,
+    /// Chunks of the current frame not started yet.
+    count_left: u64,
+    chunks: Vec<(ChunkId, Vec<u8>)>,
+    ready: std::collections::VecDeque<Frame>,
+    failed: Option<WireError>,
+}
+
+#[derive(Debug, Default)]
+enum ChunkStep {
+    #[default]
+    Header,
+    Count,
+    Prefix,
+    Data(ChunkId, Vec<u8>, usize),
+}
+
+const CHUNKS: &str = "Chunks";
+
+/// Bytes of a bincode varint that starts with `first` (see bincode's
+/// specification: one byte below 251, else a marker and 2, 4 or 8 bytes).
+fn varint_len(first: u8) -> Option<usize> {
+    match first {
+        0..=250 => Some(1),
+        251 => Some(3),
+        252 => Some(5),
+        253 => Some(9),
+        _ => None,
+    }
+}
+
+impl ChunkDecoder {
+    pub fn new() -> ChunkDecoder {
+        ChunkDecoder::default()
+    }
+
+    /// Take in received bytes; whole frames wait in [`Self::next_frame`].
+    /// After an error the decoder stays failed.
+    pub fn push(&mut self, bytes: &[u8]) -> Result<(), WireError> {
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
+        }
+        self.consume(bytes)
+            .inspect_err(|e| self.failed = Some(e.clone()))
+    }
+
+    /// The next whole frame, `None` if more bytes are needed.
+    pub fn next_frame(&mut self) -> Option<Frame> {
+        self.ready.pop_front()
+    }
+
+    /// Call at the end of the stream: an error if a frame was cut off.
+    pub fn finish(&self) -> Result<(), WireError> {
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
+        }
+        match (&self.step, self.hold.len()) {
+            (ChunkStep::Header, 0) => Ok(()),
+            (ChunkStep::Header, n) => Err(WireError::Truncated(n)),
+            _ => Err(WireError::Truncated(self.frame_left)),
+        }
+    }
+
+    fn consume(&mut self, mut bytes: &[u8]) -> Result<(), WireError> {
+        let bad = |reason: &str| WireError::BadPayload {
+            kind: CHUNKS,
+            reason: reason.to_string(),
+        };
+        loop {
+            match &mut self.step {
+                ChunkStep::Header => {
+                    if bytes.is_empty() {
+                        return Ok(());
+                    }
+                    if !self.take_hold(&mut bytes, HEADER_LEN) {
+                        return Ok(());
+                    }
+                    let (ty, len) = parse_header(&self.hold)?.expect("a whole header");
+                    if ty != FrameType::Chunks {
+                        return Err(WireError::Misplaced(ty.name()));
+                    }
+                    self.hold.clear();
+                    self.frame_left = len;
+                    self.step = ChunkStep::Count;
+                }
+                ChunkStep::Count => {
+                    let Some(n) = self.varint_prefix(&mut bytes, 0)? else {
+                        return Ok(());
+                    };
+                    let count: u64 = decode_exact(&self.hold)?;
+                    self.frame_left -= n;
+                    self.hold.clear();
+                    if count > MAX_IDS_PER_MESSAGE as u64 {
+                        return Err(WireError::Limit {
+                            kind: CHUNKS,
+                            what: format!("{count} chunks"),
+                        });
+                    }
+                    self.count_left = count;
+                    self.chunks = Vec::with_capacity((count as usize).min(1024));
+                    self.step = ChunkStep::Prefix;
+                    self.end_of_chunk()?;
+                }
+                ChunkStep::Prefix => {
+                    let Some(n) = self.varint_prefix(&mut bytes, 32)? else {
+                        return Ok(());
+                    };
+                    let (id, len): (ChunkId, u64) = decode_exact(&self.hold)?;
+                    self.frame_left -= n;
+                    self.hold.clear();
+                    if len == 0 || len > MAX_CHUNK as u64 {
+                        return Err(WireError::Limit {
+                            kind: CHUNKS,
+                            what: format!("chunk {id} of {len} bytes"),
+                        });
+                    }
+                    let len = len as usize;
+                    if len > self.frame_left {
+                        return Err(bad("a chunk runs past the end of the frame"));
+                    }
+                    self.step = ChunkStep::Data(id, Vec::with_capacity(len), len);
+                }
+                ChunkStep::Data(id, data, len) => {
+                    let take = (*len - data.len()).min(bytes.len());
+                    data.extend_from_slice(&bytes[..take]);
+                    bytes = &bytes[take..];
+                    self.frame_left -= take;
+                    if data.len() < *len {
+                        return Ok(());
+                    }
+                    let chunk = (*id, std::mem::take(data));
+                    self.chunks.push(chunk);
+                    self.count_left -= 1;
+                    self.step = ChunkStep::Prefix;
+                    self.end_of_chunk()?;
+                }
+            }
+        }
+    }
+
+    /// Move bytes into `hold` until it holds `want`; whether it does.
+    fn take_hold(&mut self, bytes: &mut &[u8], want: usize) -> bool {
+        let take = want.saturating_sub(self.hold.len()).min(bytes.len());
+        self.hold.extend_from_slice(&bytes[..take]);
+        *bytes = &bytes[take..];
+        self.hold.len() >= want
+    }
+
+    /// Gather `fixed` bytes and then a varint into `hold`, within the
+    /// frame's remaining payload: `Some(length)` once all of it is in.
+    fn varint_prefix(
+        &mut self,
+        bytes: &mut &[u8],
+        fixed: usize,
+    ) -> Result<Option<usize>, WireError> {
+        let cut = || WireError::BadPayload {
+            kind: CHUNKS,
+            reason: "the frame ends inside a length".into(),
+        };
+        if self.frame_left <= fixed {
+            return Err(cut());
+        }
+        if !self.take_hold(bytes, fixed + 1) {
+            return Ok(None);
+        }
+        let want = fixed
+            + varint_len(self.hold[fixed]).ok_or_else(|| WireError::BadPayload {
+                kind: CHUNKS,
+                reason: format!("bad length marker {}", self.hold[fixed]),
+            })?;
+        if want > self.frame_left {
+            return Err(cut());
+        }
+        Ok(self.take_hold(bytes, want).then_some(want))
+    }
+
+    /// After a count or a chunk: once the frame's chunks are all in, check
+    /// that nothing is left over and queue the frame.
+    fn end_of_chunk(&mut self) -> Result<(), WireError> {
+        if self.count_left > 0 {
+            return Ok(());
+        }
+        if self.frame_left > 0 {
+            return Err(WireError::TrailingBytes {
+                kind: CHUNKS,
+                extra: self.frame_left,
+            });
+        }
+        let frame = Frame::Chunks {
+            chunks: std::mem::take(&mut self.chunks),
+        };
+        frame.validate()?;
+        self.ready.push_back(frame);
+        self.step = ChunkStep::Header;
+        Ok(())
+    }
+}
+
+/// Decode `bytes` as one `T`, all of them used.
+fn decode_exact<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, WireError> {
+    body(CHUNKS, bytes)
 }
 
 #[cfg(test)]
@@ -782,6 +1044,136 @@ pub(crate) mod tests {
         assert!(decode(&enc).is_err());
     }
 
+    /// Frames of `bytes` pushed `step` at a time into a [`FrameDecoder`]
+    /// (`true`: every byte decoded and the stream ended cleanly) and into a
+    /// [`ChunkDecoder`] (frames delivered up to its first error).
+    fn both_decoders(bytes: &[u8], step: usize) -> ((Vec<Frame>, bool), (Vec<Frame>, bool)) {
+        let mut r = FrameDecoder::new();
+        let mut reference = Vec::new();
+        let ref_ok = 'r: {
+            for piece in bytes.chunks(step.max(1)) {
+                if r.push(piece).is_err() {
+                    break 'r false;
+                }
+                loop {
+                    match r.next_frame() {
+                        Ok(Some(f)) => reference.push(f),
+                        Ok(None) => break,
+                        Err(_) => break 'r false,
+                    }
+                }
+            }
+            r.finish().is_ok()
+        };
+        let mut c = ChunkDecoder::new();
+        let mut ours = Vec::new();
+        let ours_ok = 'c: {
+            for piece in bytes.chunks(step.max(1)) {
+                let pushed = c.push(piece);
+                ours.extend(std::iter::from_fn(|| c.next_frame()));
+                if pushed.is_err() {
+                    break 'c false;
+                }
+            }
+            c.finish().is_ok()
+        };
+        ((reference, ref_ok), (ours, ours_ok))
+    }
+
+    /// What a [`ChunkDecoder`] must make of a stream, given what a
+    /// [`FrameDecoder`] makes of it: the same `Chunks` frames, and a
+    /// failure where the reference fails or meets another frame type.
+    fn assert_same_as_reference(bytes: &[u8], step: usize) {
+        let ((reference, ref_ok), (ours, ours_ok)) = both_decoders(bytes, step);
+        match reference
+            .iter()
+            .position(|f| !matches!(f, Frame::Chunks { .. }))
+        {
+            Some(k) => {
+                assert_eq!(ours, reference[..k], "frames before a misplaced one");
+                assert!(!ours_ok, "a misplaced frame fails");
+            }
+            None => {
+                assert_eq!(ours, reference);
+                assert_eq!(ours_ok, ref_ok);
+            }
+        }
+    }
+
+    fn chunk_stream(sizes: &[Vec<usize>]) -> (Vec<Frame>, Vec<u8>) {
+        let mut frames = Vec::new();
+        let mut stream = Vec::new();
+        for (n, frame) in sizes.iter().enumerate() {
+            let chunks = frame
+                .iter()
+                .enumerate()
+                .map(|(i, &len)| (ChunkId([(n * 31 + i) as u8; 32]), vec![(i + n) as u8; len]))
+                .collect();
+            let f = Frame::Chunks { chunks };
+            stream.extend(try_encode(&f).unwrap());
+            frames.push(f);
+        }
+        (frames, stream)
+    }
+
+    #[test]
+    fn parts_are_the_encoding_with_large_contents_moved() {
+        let (frames, _) = chunk_stream(&[vec![10, PART_MIN, 70_000, 1, PART_MIN - 1], vec![]]);
+        for f in frames {
+            let whole = encode(&f);
+            let Frame::Chunks { chunks } = &f else {
+                unreachable!()
+            };
+            let big: Vec<*const u8> = chunks
+                .iter()
+                .filter(|c| c.1.len() >= PART_MIN)
+                .map(|c| c.1.as_ptr())
+                .collect();
+            let parts = encode_parts(f);
+            assert_eq!(parts.concat(), whole);
+            // The large contents are the frame's own buffers, not copies.
+            let moved = parts.iter().filter(|p| big.contains(&p.as_ptr())).count();
+            assert_eq!(moved, big.len());
+        }
+        let hello = Frame::Offer {
+            root: SnapshotId([1; 32]),
+        };
+        assert_eq!(encode_parts(hello.clone()), vec![encode(&hello)]);
+    }
+
+    #[test]
+    fn chunk_decoder_reads_chunk_frames_and_refuses_others() {
+        let (frames, stream) = chunk_stream(&[vec![3, 70_000, 5], vec![], vec![MAX_CHUNK]]);
+        for step in [1, 7, 41, 4096, 1 << 20] {
+            let (_, (ours, ok)) = both_decoders(&stream, step);
+            assert!(ok);
+            assert_eq!(ours, frames);
+        }
+        // A control frame on a data stream fails at its header.
+        let mut c = ChunkDecoder::new();
+        let done = encode(&Frame::Done {
+            root: SnapshotId([2; 32]),
+        });
+        assert_eq!(
+            c.push(&done[..HEADER_LEN]),
+            Err(WireError::Misplaced("Done"))
+        );
+        assert!(c.push(&stream).is_err(), "a failed decoder stays failed");
+        // Cut off inside a chunk.
+        let mut c = ChunkDecoder::new();
+        c.push(&stream[..100]).unwrap();
+        assert!(matches!(c.finish(), Err(WireError::Truncated(_))));
+        // A length claiming more than the frame holds fails before any
+        // buffer of that size exists.
+        let mut bad = encode(&Frame::Chunks {
+            chunks: vec![(ChunkId([0; 32]), vec![1, 2, 3])],
+        });
+        bad[HEADER_LEN + 1 + 32] = 0xfb;
+        let mut c = ChunkDecoder::new();
+        assert!(matches!(c.push(&bad), Err(WireError::BadPayload { .. })));
+        assert_same_as_reference(&bad, 3);
+    }
+
     #[test]
     fn error_message_is_cut_at_a_char_boundary() {
         let f = Frame::error(ErrorCode::Internal, "é".repeat(MAX_ERROR_MESSAGE));
@@ -807,6 +1199,30 @@ pub(crate) mod tests {
         #[test]
         fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600), step in 1usize..50) {
             let _ = decode_all(&bytes, step);
+        }
+
+        #[test]
+        fn chunk_decoder_agrees_with_the_frame_decoder(
+            sizes in proptest::collection::vec(proptest::collection::vec(1usize..3000, 0..5), 1..4),
+            edits in proptest::collection::vec((any::<u16>(), any::<u8>(), 0u8..3), 0..4),
+            tail in proptest::option::of(arb_frame()),
+            step in 1usize..100,
+        ) {
+            let (_, mut stream) = chunk_stream(&sizes);
+            if let Some(f) = tail {
+                stream.extend(encode(&f));
+            }
+            // Overwrite, insert or delete a few bytes anywhere.
+            for (at, byte, how) in edits {
+                let at = at as usize % (stream.len() + 1);
+                match how {
+                    0 if at < stream.len() => stream[at] = byte,
+                    1 => stream.insert(at, byte),
+                    _ if at < stream.len() => { stream.remove(at); }
+                    _ => {}
+                }
+            }
+            assert_same_as_reference(&stream, step);
         }
 
         #[test]
