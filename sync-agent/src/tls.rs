@@ -22,8 +22,16 @@ pub const ALPN: &[u8] = b"sync/1";
 /// The name the client asks for; identity comes from the pinned fingerprint.
 pub const SERVER_NAME: &str = "sync-agent";
 
+/// The ring provider with TLS 1.3 AES-128-GCM first (ring's default puts
+/// AES-256-GCM first): 10 AES rounds instead of 14 per block of every byte
+/// either side sends, at 128-bit security. Both ends use this order, so it
+/// is what they agree on; a peer that prefers another suite still gets it.
 pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    use rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256;
+    let mut p = rustls::crypto::ring::default_provider();
+    p.cipher_suites
+        .sort_by_key(|s| s.suite() != TLS13_AES_128_GCM_SHA256.suite());
+    Arc::new(p)
 }
 
 #[derive(Debug)]
@@ -305,6 +313,18 @@ pub fn endpoint(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn aes_128_gcm_is_offered_first_and_the_rest_kept() {
+        use rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256;
+        let ours = provider();
+        let theirs = rustls::crypto::ring::default_provider();
+        assert_eq!(
+            ours.cipher_suites[0].suite(),
+            TLS13_AES_128_GCM_SHA256.suite()
+        );
+        assert_eq!(ours.cipher_suites.len(), theirs.cipher_suites.len());
+    }
 
     #[test]
     fn loopback_route_carries_large_datagrams() {
