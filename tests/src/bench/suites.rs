@@ -658,14 +658,23 @@ fn keygen(ctx: &Ctx, dir: &Path) -> Result<String> {
 /// `sync-agent serve` for one tree on 127.0.0.1; returns it and its address.
 fn start_agent(ctx: &Ctx, dest: &Path, ident: &Path, allow: &str) -> Result<(Daemon, String)> {
     use std::io::BufRead;
-    let log = std::fs::File::create(ctx.path("agent.log"))?;
-    let mut child = Command::new(bins::sync_agent())
+    // Appended run after run; `BENCH_AGENT_LOG` is the agent's RUST_LOG
+    // (none by default: logging is work the peer does not do).
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(ctx.path("agent.log"))?;
+    let mut child = Command::new(bins::sync_agent());
+    match std::env::var_os("BENCH_AGENT_LOG") {
+        Some(level) => child.env("RUST_LOG", level),
+        None => child.env_remove("RUST_LOG"),
+    };
+    let mut child = child
         .args(["serve", "--listen", "127.0.0.1:0", "--allow", allow])
         .arg("--identity")
         .arg(ident)
         .arg("--tree")
         .arg(format!("rdo={}", dest.display()))
-        .env_remove("RUST_LOG")
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(log)
