@@ -857,6 +857,67 @@ fn decode_exact<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, WireError> {
     body(CHUNKS, bytes)
 }
 
+#[doc(hidden)]
+/// Frames of `bytes` pushed `step` at a time into a [`FrameDecoder`]
+/// (`true`: every byte decoded and the stream ended cleanly) and into a
+/// [`ChunkDecoder`] (frames delivered up to its first error).
+pub fn decode_with_both(bytes: &[u8], step: usize) -> ((Vec<Frame>, bool), (Vec<Frame>, bool)) {
+    let mut r = FrameDecoder::new();
+    let mut reference = Vec::new();
+    let ref_ok = 'r: {
+        for piece in bytes.chunks(step.max(1)) {
+            if r.push(piece).is_err() {
+                break 'r false;
+            }
+            loop {
+                match r.next_frame() {
+                    Ok(Some(f)) => reference.push(f),
+                    Ok(None) => break,
+                    Err(_) => break 'r false,
+                }
+            }
+        }
+        r.finish().is_ok()
+    };
+    let mut c = ChunkDecoder::new();
+    let mut ours = Vec::new();
+    let ours_ok = 'c: {
+        for piece in bytes.chunks(step.max(1)) {
+            let pushed = c.push(piece);
+            ours.extend(std::iter::from_fn(|| c.next_frame()));
+            if pushed.is_err() {
+                break 'c false;
+            }
+        }
+        c.finish().is_ok()
+    };
+    ((reference, ref_ok), (ours, ours_ok))
+}
+
+/// What a [`ChunkDecoder`] must make of a stream, given what a
+/// [`FrameDecoder`] makes of it: the same `Chunks` frames, and a
+/// failure where the reference fails or meets another frame type. Panics
+/// otherwise; returns the reference's frames. The oracle of the decoder's
+/// property test and of the `wire_frame` fuzz target.
+#[doc(hidden)]
+pub fn assert_chunk_decoder_agrees(bytes: &[u8], step: usize) -> Vec<Frame> {
+    let ((reference, ref_ok), (ours, ours_ok)) = decode_with_both(bytes, step);
+    match reference
+        .iter()
+        .position(|f| !matches!(f, Frame::Chunks { .. }))
+    {
+        Some(k) => {
+            assert_eq!(ours, reference[..k], "frames before a misplaced one");
+            assert!(!ours_ok, "a misplaced frame fails");
+        }
+        None => {
+            assert_eq!(ours, reference);
+            assert_eq!(ours_ok, ref_ok);
+        }
+    }
+    reference
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -1044,62 +1105,6 @@ pub(crate) mod tests {
         assert!(decode(&enc).is_err());
     }
 
-    /// Frames of `bytes` pushed `step` at a time into a [`FrameDecoder`]
-    /// (`true`: every byte decoded and the stream ended cleanly) and into a
-    /// [`ChunkDecoder`] (frames delivered up to its first error).
-    fn both_decoders(bytes: &[u8], step: usize) -> ((Vec<Frame>, bool), (Vec<Frame>, bool)) {
-        let mut r = FrameDecoder::new();
-        let mut reference = Vec::new();
-        let ref_ok = 'r: {
-            for piece in bytes.chunks(step.max(1)) {
-                if r.push(piece).is_err() {
-                    break 'r false;
-                }
-                loop {
-                    match r.next_frame() {
-                        Ok(Some(f)) => reference.push(f),
-                        Ok(None) => break,
-                        Err(_) => break 'r false,
-                    }
-                }
-            }
-            r.finish().is_ok()
-        };
-        let mut c = ChunkDecoder::new();
-        let mut ours = Vec::new();
-        let ours_ok = 'c: {
-            for piece in bytes.chunks(step.max(1)) {
-                let pushed = c.push(piece);
-                ours.extend(std::iter::from_fn(|| c.next_frame()));
-                if pushed.is_err() {
-                    break 'c false;
-                }
-            }
-            c.finish().is_ok()
-        };
-        ((reference, ref_ok), (ours, ours_ok))
-    }
-
-    /// What a [`ChunkDecoder`] must make of a stream, given what a
-    /// [`FrameDecoder`] makes of it: the same `Chunks` frames, and a
-    /// failure where the reference fails or meets another frame type.
-    fn assert_same_as_reference(bytes: &[u8], step: usize) {
-        let ((reference, ref_ok), (ours, ours_ok)) = both_decoders(bytes, step);
-        match reference
-            .iter()
-            .position(|f| !matches!(f, Frame::Chunks { .. }))
-        {
-            Some(k) => {
-                assert_eq!(ours, reference[..k], "frames before a misplaced one");
-                assert!(!ours_ok, "a misplaced frame fails");
-            }
-            None => {
-                assert_eq!(ours, reference);
-                assert_eq!(ours_ok, ref_ok);
-            }
-        }
-    }
-
     fn chunk_stream(sizes: &[Vec<usize>]) -> (Vec<Frame>, Vec<u8>) {
         let mut frames = Vec::new();
         let mut stream = Vec::new();
@@ -1145,7 +1150,7 @@ pub(crate) mod tests {
     fn chunk_decoder_reads_chunk_frames_and_refuses_others() {
         let (frames, stream) = chunk_stream(&[vec![3, 70_000, 5], vec![], vec![MAX_CHUNK]]);
         for step in [1, 7, 41, 4096, 1 << 20] {
-            let (_, (ours, ok)) = both_decoders(&stream, step);
+            let (_, (ours, ok)) = decode_with_both(&stream, step);
             assert!(ok);
             assert_eq!(ours, frames);
         }
@@ -1171,7 +1176,7 @@ pub(crate) mod tests {
         bad[HEADER_LEN + 1 + 32] = 0xfb;
         let mut c = ChunkDecoder::new();
         assert!(matches!(c.push(&bad), Err(WireError::BadPayload { .. })));
-        assert_same_as_reference(&bad, 3);
+        assert_chunk_decoder_agrees(&bad, 3);
     }
 
     #[test]
@@ -1222,7 +1227,7 @@ pub(crate) mod tests {
                     _ => {}
                 }
             }
-            assert_same_as_reference(&stream, step);
+            assert_chunk_decoder_agrees(&stream, step);
         }
 
         #[test]
