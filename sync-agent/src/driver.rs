@@ -5,8 +5,10 @@
 //! Streams of one session: a bidirectional control stream (opened by the
 //! client, `Hello` first) and up to [`DATA_STREAMS`] unidirectional data
 //! streams opened by the source, which carry only `Chunks` frames. Every
-//! stream has its own reader task (bytes -> [`FrameDecoder`] -> one bounded
-//! input queue) or writer task (bounded queue of encoded frames -> stream).
+//! stream has its own reader task (bytes -> [`FrameDecoder`], or on a data
+//! stream [`ChunkDecoder`] -> one bounded input queue) or writer task
+//! (bounded queue of encoded frames -> stream; chunk contents go to quinn
+//! as their own buffers, see [`encode_parts`]).
 //! The driver loop never blocks on a write: it selects between input, job
 //! completions and free writer slots, so neither peer can wedge the other.
 //! Memory stays bounded by the sink's window (chunks asked and not yet

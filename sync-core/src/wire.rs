@@ -653,7 +653,8 @@ pub struct ChunkDecoder {
     step: ChunkStep,
     /// Header, count or chunk prefix bytes gathered so far.
     hold: Vec<u8>,
-    /// Payload bytes of the current frame not consumed yet.
+    /// Payload length of the current frame, and its bytes not consumed yet.
+    frame_len: usize,
     frame_left: usize,
     /// Chunks of the current frame not started yet.
     count_left: u64,
@@ -713,7 +714,11 @@ impl ChunkDecoder {
         match (&self.step, self.hold.len()) {
             (ChunkStep::Header, 0) => Ok(()),
             (ChunkStep::Header, n) => Err(WireError::Truncated(n)),
-            _ => Err(WireError::Truncated(self.frame_left)),
+            // The bytes of the cut frame that arrived, as FrameDecoder
+            // reports them (held prefix bytes are not yet deducted).
+            _ => Err(WireError::Truncated(
+                HEADER_LEN + self.frame_len - self.frame_left + self.hold.len(),
+            )),
         }
     }
 
@@ -736,6 +741,7 @@ impl ChunkDecoder {
                         return Err(WireError::Misplaced(ty.name()));
                     }
                     self.hold.clear();
+                    self.frame_len = len;
                     self.frame_left = len;
                     self.step = ChunkStep::Count;
                 }
@@ -1164,10 +1170,12 @@ pub(crate) mod tests {
             Err(WireError::Misplaced("Done"))
         );
         assert!(c.push(&stream).is_err(), "a failed decoder stays failed");
-        // Cut off inside a chunk.
-        let mut c = ChunkDecoder::new();
-        c.push(&stream[..100]).unwrap();
-        assert!(matches!(c.finish(), Err(WireError::Truncated(_))));
+        // Cut off inside a chunk: the same count as FrameDecoder's.
+        for cut in [3, 40, 100] {
+            let mut c = ChunkDecoder::new();
+            c.push(&stream[..cut]).unwrap();
+            assert_eq!(c.finish(), Err(WireError::Truncated(cut)));
+        }
         // A length claiming more than the frame holds fails before any
         // buffer of that size exists.
         let mut bad = encode(&Frame::Chunks {
