@@ -143,8 +143,7 @@ impl HashCache {
         match Loaded::open(path) {
             Ok(bytes) => match decode(&bytes) {
                 Some((old, links)) => HashCache {
-                    old_format: matches!(links, LinkIndex::Map(_))
-                        && bytes.get(4..6) != Some(&VERSION.to_le_bytes()[..]),
+                    old_format: bytes.get(4..6) != Some(&VERSION.to_le_bytes()[..]),
                     old,
                     bytes,
                     links,

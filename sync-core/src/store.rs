@@ -48,7 +48,9 @@ pub trait ChunkSource: Sync {
 }
 
 const INDEX_RECORD: usize = 48;
-/// The `off` of an index record whose chunk is the file `linked/<id>`.
+/// The `off` of an index record whose chunk is the file `linked/<id>`:
+/// written by the previous version, skipped on open (the directory alone
+/// tells which chunks are linked).
 const LINKED: u64 = u64::MAX;
 /// Where chunks that are a whole file are kept, as a hard link to the
 /// temporary built from them (see [`Staging::put_linked`]).
@@ -108,7 +110,8 @@ fn parse_record(r: &[u8]) -> Option<(ChunkId, Slot)> {
 /// open, and a damaged chunk reads as missing: the receiver then drops its
 /// staging and asks again). A torn tail is cut off on open. Chunks that are
 /// a whole file may instead be hard links in `linked/` (see
-/// [`Staging::put_linked`]), recorded the same way.
+/// [`Staging::put_linked`]), each named by its id: the directory is their
+/// record.
 #[derive(Debug)]
 pub struct Staging {
     dir: PathBuf,
@@ -160,15 +163,7 @@ impl Staging {
                 break;
             };
             if slot.off == LINKED {
-                // Kept if its file is (a crash may have lost it), checked
-                // when read.
-                let f = linked.join(id.to_hex());
-                if slot.len as usize <= MAX_CHUNK
-                    && std::fs::symlink_metadata(&f)
-                        .is_ok_and(|m| m.is_file() && m.len() == slot.len as u64)
-                {
-                    slots.insert(id, slot);
-                }
+                // Found below by its name, if its file is still there.
                 good += INDEX_RECORD;
                 continue;
             }
@@ -180,8 +175,8 @@ impl Staging {
             end = end.max(slot_end);
             good += INDEX_RECORD;
         }
-        // A link made just before its process died has no record yet: its
-        // name is its id and it is checked when read, so it is kept too.
+        // Linked chunks: every file of `linked/` is one, named by its id
+        // and checked when read.
         for e in std::fs::read_dir(&linked)
             .map_err(io("list", &linked))?
             .flatten()
@@ -193,18 +188,13 @@ impl Staging {
             else {
                 continue;
             };
-            match e.metadata() {
-                Ok(m) if m.is_file() && m.len() <= MAX_CHUNK as u64 && !slots.contains_key(&id) => {
-                    slots.insert(
-                        id,
-                        Slot {
-                            off: LINKED,
-                            len: m.len() as u32,
-                            checked: false,
-                        },
-                    );
-                }
-                _ => {}
+            let Ok(m) = e.metadata() else { continue };
+            if m.is_file() && m.len() <= MAX_CHUNK as u64 {
+                slots.entry(id).or_insert(Slot {
+                    off: LINKED,
+                    len: m.len() as u32,
+                    checked: false,
+                });
             }
         }
         if good != raw.len() {
@@ -240,12 +230,12 @@ impl Staging {
         id.to_hex()
     }
 
-    /// Record chunk `id` of `len` bytes (checked by the caller), which the
+    /// Stage chunk `id` of `len` bytes (checked by the caller), which the
     /// caller has hard-linked as [`Staging::linked_name`] into
     /// [`Staging::linked_dir`] from the temporary it built from it: a chunk
     /// that is a whole file is then written to disk once, as that file,
-    /// and staged all the same (a restarted receiver reads it back from
-    /// the link). A chunk already staged is a no-op.
+    /// and staged all the same (a restarted receiver finds the link by its
+    /// name and reads it back). A chunk already staged is a no-op.
     pub fn put_linked(&mut self, id: ChunkId, len: u32) -> Result<(), StoreError> {
         if len as usize > MAX_CHUNK {
             return Err(StoreError::TooLarge {
@@ -262,7 +252,6 @@ impl Staging {
             checked: true,
         };
         self.slots.insert(id, slot);
-        self.pending.push((id, slot));
         Ok(())
     }
 
@@ -392,16 +381,11 @@ impl Staging {
         self.slots.is_empty()
     }
 
-    /// Bytes of unsynced chunks.
-    pub fn unsynced_bytes(&self) -> u64 {
-        self.pending.iter().map(|(_, s)| s.len as u64).sum()
-    }
-
     /// The verified bytes of a staged chunk.
     pub fn get(&self, id: &ChunkId) -> Option<Vec<u8>> {
         let slot = *self.slots.get(id)?;
         if slot.off == LINKED {
-            let f = self.dir.join(LINKED_DIR).join(id.to_hex());
+            let f = self.linked_dir().join(Self::linked_name(id));
             let file = OpenOptions::new()
                 .read(true)
                 .custom_flags(libc::O_NOFOLLOW)
@@ -433,7 +417,7 @@ impl Staging {
         // whole, and read back they are checked.
         self.index.set_len(0).map_err(self.index_err("truncate"))?;
         self.pack.set_len(0).map_err(self.pack_err("truncate"))?;
-        let linked_dir = self.dir.join(LINKED_DIR);
+        let linked_dir = self.linked_dir();
         if std::fs::read_dir(&linked_dir).is_ok_and(|mut d| d.next().is_some()) {
             // One rename now; the links go in `purge`, after the commit.
             let (linked, gone) = (linked_dir, self.dir.join(LINKED_GONE));
@@ -590,6 +574,30 @@ mod tests {
         drop(s);
         let s = Staging::open(dir.path()).unwrap();
         assert_eq!(s.get(&ChunkId::of(&c)).unwrap(), c);
+        // A link record of the previous version is skipped: the directory
+        // alone tells what is linked (no torn tail either).
+        let gone = ChunkId::of(b"gone");
+        let rec = |id| {
+            record(
+                &id,
+                Slot {
+                    off: LINKED,
+                    len: 4,
+                    checked: false,
+                },
+            )
+        };
+        let mut idx = OpenOptions::new()
+            .append(true)
+            .open(dir.path().join("index"))
+            .unwrap();
+        idx.write_all(&rec(gone)).unwrap();
+        idx.write_all(&rec(ia)).unwrap();
+        drop((idx, s));
+        let s = Staging::open(dir.path()).unwrap();
+        assert!(!s.contains(&gone));
+        assert_eq!(s.get(&ia).unwrap(), a);
+        assert!(s.contains(&ChunkId::of(b"small")));
         // A lost link drops its record on open.
         std::fs::remove_file(s_path(dir.path(), &ia)).unwrap();
         drop(s);
