@@ -1099,9 +1099,11 @@ pub async fn drive_sink(
                             Job::Prebuilt
                         });
                         // The new subtrees' inner symlinks need no chunk:
-                        // made while the chunks come.
+                        // made while the chunks come, and the plan's
+                        // digest after them (the commit needs it).
                         blocking(&mut jobs, move || {
                             b.link();
+                            b.digest();
                             Job::Linked
                         });
                     }

@@ -4,10 +4,12 @@
 //! print for `--dry-run`, to test and to fuzz. No IO.
 
 use std::cell::RefCell;
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::BTreeSet;
 use std::fmt;
 use std::rc::Rc;
 
+// Paths come from the peer: a fast hash with a per-process seed.
+use foldhash::{HashMap, HashSet, HashSetExt};
 use serde::Serialize;
 
 use crate::chunk::chunk_spans;
@@ -125,10 +127,15 @@ impl SyncPlan {
         let mut touched: BTreeSet<Vec<u8>> = BTreeSet::new();
         let mut dir_entries: Vec<Op> = Vec::new();
         let mut deletions = Vec::new();
+        // Changes come in path order: most share the previous one's parent.
+        let mut last_parent: Option<Vec<u8>> = None;
         while let Some(c) = changes.next() {
             let parent = split(c.path()).0;
-            if !touched.contains(parent) {
-                touched.insert(parent.to_vec());
+            if last_parent.as_deref() != Some(parent) {
+                if !touched.contains(parent) {
+                    touched.insert(parent.to_vec());
+                }
+                last_parent = Some(parent.to_vec());
             }
             match c {
                 Change::Removed { path, entry } => {
@@ -206,12 +213,14 @@ impl SyncPlan {
         p.deletions = deletions;
 
         // Every directory whose listing changed gets its mtime back.
-        let listed: HashSet<Vec<u8>> = dir_entries.iter().map(|o| o.path.clone()).collect();
+        let listed: HashSet<&[u8]> = dir_entries.iter().map(|o| o.path.as_slice()).collect();
         touched.remove(&Vec::new());
+        let touched: Vec<Vec<u8>> = touched
+            .into_iter()
+            .filter(|d| !listed.contains(d.as_slice()))
+            .collect();
+        drop(listed);
         for dir in touched {
-            if listed.contains(&dir) {
-                continue;
-            }
             if let Some(e) = new.lookup(&dir)? {
                 if e.is_dir() {
                     dir_entries.push(Op {
@@ -466,18 +475,26 @@ pub fn resolve_target(link: &[u8], target: &[u8]) -> Option<Vec<u8>> {
     if target.first() == Some(&b'/') {
         return None;
     }
-    let mut parts: Vec<&[u8]> = link.split(|&b| b == b'/').collect();
-    parts.pop();
+    let mut out = Vec::with_capacity(link.len() + target.len());
+    out.extend_from_slice(split(link).0);
     for c in target.split(|&b| b == b'/') {
         match c {
             b"" | b"." => {}
             b".." => {
-                parts.pop()?;
+                if out.is_empty() {
+                    return None;
+                }
+                out.truncate(out.iter().rposition(|&b| b == b'/').unwrap_or(0));
             }
-            n => parts.push(n),
+            n => {
+                if !out.is_empty() {
+                    out.push(b'/');
+                }
+                out.extend_from_slice(n);
+            }
         }
     }
-    Some(parts.join(&b'/'))
+    Some(out)
 }
 
 /// Tells whether a path names the same file or directory (with all of
@@ -578,7 +595,7 @@ fn order_symlinks(
     sorted.sort_unstable();
     // The directories holding new symlinks: only a target among them can
     // have new symlinks inside (most targets are files).
-    let mut holders: std::collections::HashSet<&[u8]> = std::collections::HashSet::new();
+    let mut holders: HashSet<&[u8]> = HashSet::new();
     for o in ops.iter() {
         let mut dir = crate::safefs::split(&o.path).0;
         while holders.insert(dir) && !dir.is_empty() {
@@ -588,40 +605,37 @@ fn order_symlinks(
     let mut after: Vec<Vec<usize>> = vec![Vec::new(); ops.len()];
     let mut ok = vec![false; ops.len()];
     let mut indeg = vec![0usize; ops.len()];
+    let mut before: Vec<usize> = Vec::new();
     for (i, o) in ops.iter().enumerate() {
         let Kind::Symlink { target } = &o.entry.kind else {
             continue;
         };
-        let Some(r) = resolve_target(&o.path, target) else {
+        let Some(mut r) = resolve_target(&o.path, target) else {
             continue;
         };
         ok[i] = local(&o.path, &r);
-        let mut before: Vec<usize> = Vec::new();
+        before.clear();
         // New symlinks on the way to the target, and the target itself.
-        let mut end = 0;
-        while end <= r.len() {
-            if end == r.len() || r[end] == b'/' {
-                if let Some(&j) = at.get(&r[..end]) {
-                    before.push(j);
-                }
+        for end in (0..=r.len()).filter(|&e| e == r.len() || r[e] == b'/') {
+            if let Some(&j) = at.get(&r[..end]) {
+                before.push(j);
             }
-            end += 1;
         }
         // New symlinks inside the target.
         if holders.contains(r.as_slice()) {
-            let mut prefix = r.clone();
-            if !prefix.is_empty() {
-                prefix.push(b'/');
+            if !r.is_empty() {
+                r.push(b'/');
             }
-            let from = sorted.partition_point(|(k, _)| *k < prefix.as_slice());
+            let prefix = r.as_slice();
+            let from = sorted.partition_point(|(k, _)| *k < prefix);
             for &(_, j) in sorted[from..]
                 .iter()
-                .take_while(|(k, _)| k.starts_with(&prefix))
+                .take_while(|(k, _)| k.starts_with(prefix))
             {
                 before.push(j);
             }
         }
-        for j in before {
+        for &j in &before {
             if j != i {
                 after[j].push(i);
                 indeg[i] += 1;
@@ -879,6 +893,48 @@ mod tests {
         );
         assert_eq!(resolve_target(b"l", b"../x"), None);
         assert_eq!(resolve_target(b"l", b"/x"), None);
+    }
+
+    /// Lexical resolution spelled out on lists of components: what
+    /// `resolve_target` computes in one buffer.
+    fn resolve_by_parts(link: &[u8], target: &[u8]) -> Option<Vec<u8>> {
+        if target.first() == Some(&b'/') {
+            return None;
+        }
+        let mut parts: Vec<&[u8]> = link.split(|&b| b == b'/').collect();
+        parts.pop();
+        for c in target.split(|&b| b == b'/') {
+            match c {
+                b"" | b"." => {}
+                b".." => {
+                    parts.pop()?;
+                }
+                n => parts.push(n),
+            }
+        }
+        Some(parts.join(&b'/'))
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+        #[test]
+        fn resolve_target_agrees_with_resolution_by_parts(
+            link in proptest::collection::vec(proptest::sample::select(
+                vec![&b"a"[..], b"bc", b"d\xff", b"..x"]), 1..5),
+            target in proptest::collection::vec(proptest::sample::select(
+                vec![&b""[..], b".", b"..", b"a", b"bc", b"d\xff"]), 0..7),
+            absolute in proptest::bool::weighted(0.1),
+        ) {
+            let link = link.join(&b'/');
+            let mut target = target.join(&b'/');
+            if absolute {
+                target.insert(0, b'/');
+            }
+            proptest::prop_assert_eq!(
+                resolve_target(&link, &target),
+                resolve_by_parts(&link, &target)
+            );
+        }
     }
 
     /// New directories whose parent was there are built whole: their
