@@ -65,72 +65,88 @@ fn diff_trees(
         None => Tree::default(),
     };
     let b = new.tree(&new_id)?;
-    let (mut i, mut j) = (0, 0);
-    while i < a.entries.len() || j < b.entries.len() {
-        let ord = match (a.entries.get(i), b.entries.get(j)) {
+    // Both trees are decoded for this walk alone: their entries are moved
+    // into the changes, not copied.
+    let (mut a, mut b) = (
+        a.entries.into_iter().peekable(),
+        b.entries.into_iter().peekable(),
+    );
+    loop {
+        let ord = match (a.peek(), b.peek()) {
             (Some(x), Some(y)) => x.name.cmp(&y.name),
             (Some(_), None) => std::cmp::Ordering::Less,
-            _ => std::cmp::Ordering::Greater,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+            (None, None) => break,
         };
         match ord {
             std::cmp::Ordering::Less => {
-                let e = &a.entries[i];
+                let e = a.next().expect("peeked");
                 out.push(Change::Removed {
                     path: join(prefix, &e.name),
-                    entry: e.clone(),
+                    entry: e,
                 });
-                i += 1;
             }
             std::cmp::Ordering::Greater => {
-                let e = &b.entries[j];
-                let path = join(prefix, &e.name);
-                out.push(Change::Added {
-                    path: path.clone(),
-                    entry: e.clone(),
-                });
-                if let Kind::Dir { tree } = e.kind {
-                    diff_trees(old, None, new, tree, &path, out, depth + 1)?;
-                }
-                j += 1;
+                let e = b.next().expect("peeked");
+                added(old, new, prefix, e, out, depth)?;
             }
             std::cmp::Ordering::Equal => {
-                let (x, y) = (&a.entries[i], &b.entries[j]);
+                let (x, y) = (a.next().expect("peeked"), b.next().expect("peeked"));
                 let path = join(prefix, &x.name);
-                if !same_kind(x, y) {
+                if !same_kind(&x, &y) {
                     out.push(Change::Removed {
                         path: path.clone(),
-                        entry: x.clone(),
+                        entry: x,
                     });
-                    out.push(Change::Added {
-                        path: path.clone(),
-                        entry: y.clone(),
-                    });
-                    if let Kind::Dir { tree } = y.kind {
-                        diff_trees(old, None, new, tree, &path, out, depth + 1)?;
-                    }
+                    added(old, new, prefix, y, out, depth)?;
                 } else if let (Kind::Dir { tree: ta }, Kind::Dir { tree: tb }) = (&x.kind, &y.kind)
                 {
-                    if !x.same_meta(y) {
+                    let (ta, tb) = (*ta, *tb);
+                    if !x.same_meta(&y) {
                         out.push(Change::Modified {
                             path: path.clone(),
-                            old: x.clone(),
-                            new: y.clone(),
+                            old: x,
+                            new: y,
                         });
                     }
-                    diff_trees(old, Some(*ta), new, *tb, &path, out, depth + 1)?;
+                    diff_trees(old, Some(ta), new, tb, &path, out, depth + 1)?;
                 } else if x != y {
                     out.push(Change::Modified {
                         path,
-                        old: x.clone(),
-                        new: y.clone(),
+                        old: x,
+                        new: y,
                     });
                 }
-                i += 1;
-                j += 1;
             }
         }
     }
     Ok(())
+}
+
+/// An entry of `new` with no counterpart in `old`, and all of its
+/// contents if it is a directory.
+fn added(
+    old: &Manifest,
+    new: &Manifest,
+    prefix: &[u8],
+    e: Entry,
+    out: &mut Vec<Change>,
+    depth: usize,
+) -> Result<(), ManifestError> {
+    let path = join(prefix, &e.name);
+    match e.kind {
+        Kind::Dir { tree } => {
+            out.push(Change::Added {
+                path: path.clone(),
+                entry: e,
+            });
+            diff_trees(old, None, new, tree, &path, out, depth + 1)
+        }
+        _ => {
+            out.push(Change::Added { path, entry: e });
+            Ok(())
+        }
+    }
 }
 
 /// Apply changes from [`diff`] to `base`, taking nothing else from the new
