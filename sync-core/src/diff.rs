@@ -281,7 +281,7 @@ mod tests {
             Just(b"b".to_vec()),
             Just(b"c\xff".to_vec())
         ];
-        let path = proptest::collection::vec(comp, 1..4).prop_map(|c| c.join(&b'/'));
+        let path = proptest::collection::vec(comp, 1..7).prop_map(|c| c.join(&b'/'));
         proptest::collection::vec((path, any::<u8>(), 0u8..4), 0..20)
     }
 
@@ -291,6 +291,16 @@ mod tests {
         fn diff_then_apply_gives_the_new_tree(a in arb_spec(), b in arb_spec()) {
             let (ma, mb) = (build(&a), build(&b));
             let changes = diff(&ma, &mb).unwrap();
+            // Pre-order: paths ascend component by component (a removal
+            // and an addition share a path when an entry changes kind).
+            let comps = |c: &Change| {
+                c.path().split(|&b| b == b'/').map(<[u8]>::to_vec).collect::<Vec<_>>()
+            };
+            for w in changes.windows(2) {
+                let (x, y) = (comps(&w[0]), comps(&w[1]));
+                let replaced = matches!((&w[0], &w[1]), (Change::Removed { .. }, Change::Added { .. }));
+                prop_assert!(x < y || (x == y && replaced), "{:?} before {:?}", w[0].path(), w[1].path());
+            }
             let applied = apply(&ma, &changes).unwrap();
             prop_assert_eq!(applied.root(), mb.root());
             prop_assert_eq!(changes.is_empty(), ma.root() == mb.root());
