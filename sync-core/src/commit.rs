@@ -1497,7 +1497,7 @@ fn build_file(
 /// writes them out together: started one by one, each is an IO of its own
 /// that costs the transfer more CPU than the syncfs saves (an initial sync
 /// of 101k entries, 10k of its 14k files under 64 KiB: 2.96-3.16 s this way
-/// against 3.16-3.31 s with every file started, and 3.5-3.6 s with none).
+/// against 3.16-3.53 s with every file started, and 3.5-3.6 s with none).
 const WRITEBACK_MIN: u64 = 64 << 10;
 
 /// Start writing `fd`'s dirty pages to disk now, without waiting: the
