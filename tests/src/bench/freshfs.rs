@@ -136,7 +136,11 @@ impl FreshFs {
         };
         let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {
-            let st = Command::new("umount").arg(&self.mnt).status()?;
+            // Busy while the last receiver exits: retried quietly.
+            let st = Command::new("umount")
+                .arg(&self.mnt)
+                .stderr(std::process::Stdio::null())
+                .status()?;
             if st.success() {
                 break;
             }
