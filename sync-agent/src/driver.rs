@@ -1038,13 +1038,15 @@ pub async fn drive_sink(
                     // way, so that files are built as they arrive.
                     if let Some(m) = session.incoming().filter(|_| fetching).cloned() {
                         let (recv, copts) = (io.recv.clone(), io.commit.clone());
+                        // The session's diff: not computed again.
+                        let changes = session.take_changes();
                         planning = true;
                         blocking(&mut jobs, move || {
                             // The receiver is held only to start and to
                             // take the plan: staging goes on meanwhile.
                             let ahead = recv.lock().expect("receiver lock").plan_ahead(&copts);
                             let planned = ahead.and_then(|a| match a {
-                                Some(a) => a.plan(&m).map(|p| {
+                                Some(a) => a.plan_from(&m, changes).map(|p| {
                                     recv.lock().expect("receiver lock").expect_planned(p)
                                 }),
                                 None => Ok(None),

@@ -198,11 +198,28 @@ impl PlanAhead {
     /// Plan the commit of `new` and build the skeleton of its fresh
     /// subtrees in the scratch space [`Receiver::plan_ahead`] cleared.
     pub fn plan(self, new: &Manifest) -> Result<Planned, CommitError> {
+        self.plan_from(new, None)
+    }
+
+    /// [`PlanAhead::plan`] from the changes a sink session found
+    /// ([`crate::session::SinkSession::take_changes`]): used if they lead
+    /// from the snapshot committed here, else the snapshots are diffed.
+    pub fn plan_from(
+        self,
+        new: &Manifest,
+        changes: Option<(SnapshotId, Vec<crate::diff::Change>)>,
+    ) -> Result<Planned, CommitError> {
         let t = std::time::Instant::now();
         // Which chunks are missing is filled in by `expect_planned`.
         // Its digest is left to the builder (see `Prebuilder::digest`):
         // files are built as soon as the plan says where they go.
-        let plan = SyncPlan::build(&self.committed, new, |_| false)?;
+        let from = self.committed.snapshot();
+        let given = changes.filter(|(base, _)| *base == from);
+        let diffed = given.is_none();
+        let plan = match given {
+            Some((_, changes)) => SyncPlan::build_from(&self.committed, new, changes, |_| false)?,
+            None => SyncPlan::build(&self.committed, new, |_| false)?,
+        };
         let planned = t.elapsed();
         let scratch = Scratch::open(&self.state, &plan)?;
         if let Some(inner) = scratch.in_fresh(self.owners) {
@@ -211,6 +228,7 @@ impl PlanAhead {
         tracing::debug!(
             plan_ms = planned.as_millis() as u64,
             ms = t.elapsed().as_millis() as u64,
+            diffed,
             "planned ahead"
         );
         Ok(Planned {
@@ -1968,6 +1986,43 @@ mod tests {
     /// Temporaries built while chunks arrive are used by the commit (which
     /// would fail on an existing temporary if it built them again); the
     /// rest comes from staging; an unexpected snapshot ignores them.
+    /// A plan made ahead from a session's changes is the plan of the
+    /// snapshots; changes that lead from another snapshot are not used.
+    #[test]
+    fn a_plan_from_given_changes_is_the_plan_of_the_snapshots() {
+        let t = tempfile::tempdir().unwrap();
+        let (src, dest) = (t.path().join("src"), t.path().join("dest"));
+        std::fs::create_dir_all(src.join("d")).unwrap();
+        std::fs::write(src.join("d/f"), b"one").unwrap();
+        let m1 = scan(&src);
+        let opts = CommitOptions::default();
+        let mut r = Receiver::open(&dest, None).unwrap();
+        push_local(&m1, &src, &mut r, &opts).unwrap();
+        std::fs::write(src.join("d/g"), b"two").unwrap();
+        std::os::unix::fs::symlink("d/g", src.join("cur")).unwrap();
+        let m2 = scan(&src);
+        let want = SyncPlan::build(&m1, &m2, |_| false).unwrap().digest();
+        let changes = crate::diff::diff(&m1, &m2).unwrap();
+        let plan_from = |r: &mut Receiver, given| {
+            let ahead = r.plan_ahead(&opts).unwrap().expect("no journal");
+            ahead.plan_from(&m2, given).unwrap().plan
+        };
+        let given = plan_from(&mut r, Some((m1.snapshot(), changes.clone())));
+        assert_eq!(given.digest(), want);
+        // Changes from elsewhere (here: from nothing) are diffed anew.
+        let stale = plan_from(
+            &mut r,
+            Some((Manifest::empty().snapshot(), changes[..1].to_vec())),
+        );
+        assert_eq!(stale.digest(), want);
+        let wrong = SyncPlan::build_from(&m1, &m2, changes[..1].to_vec(), |_| false).unwrap();
+        assert_ne!(
+            wrong.digest(),
+            want,
+            "a plan follows the changes it is given"
+        );
+    }
+
     #[test]
     fn files_built_ahead_are_committed_and_the_rest_come_from_staging() {
         let t = tempfile::tempdir().unwrap();

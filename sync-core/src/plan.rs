@@ -103,12 +103,24 @@ impl SyncPlan {
     pub fn build(
         old: &Manifest,
         new: &Manifest,
+        have: impl FnMut(&ChunkId) -> bool,
+    ) -> Result<SyncPlan, PlanError> {
+        SyncPlan::build_from(old, new, diff(old, new)?, have)
+    }
+
+    /// [`SyncPlan::build`] from `changes`, which must be `diff(old, new)`
+    /// (as a sink session computed them: see
+    /// [`crate::session::SinkSession::take_changes`]).
+    pub fn build_from(
+        old: &Manifest,
+        new: &Manifest,
+        changes: Vec<Change>,
         mut have: impl FnMut(&ChunkId) -> bool,
     ) -> Result<SyncPlan, PlanError> {
         // Taken by value: the plan's operations move the diff's paths and
         // entries instead of copying them (an initial sync has one change
         // per entry).
-        let mut changes = diff(old, new)?.into_iter().peekable();
+        let mut changes = changes.into_iter().peekable();
         let mut p = SyncPlan {
             from: old.snapshot(),
             to: new.snapshot(),

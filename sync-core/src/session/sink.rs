@@ -51,7 +51,8 @@ pub enum SinkEvent {
     /// Every needed chunk is staged: commit `manifest` (its trees include
     /// the previous snapshot's; `gc` it before keeping it if that matters)
     /// and call [`SinkSession::commit_done`]. `changes` is
-    /// `diff(committed, manifest)`.
+    /// `diff(committed, manifest)`, unless the driver took them earlier
+    /// ([`SinkSession::take_changes`]).
     Commit {
         manifest: Manifest,
         changes: Vec<Change>,
@@ -227,6 +228,15 @@ impl SinkSession {
     /// [`SinkEvent::NeedChunkCheck`] on): a driver may plan with it early.
     pub fn incoming(&self) -> Option<&Manifest> {
         matches!(self.state, State::CheckChunks | State::Transfer).then_some(&self.incoming)
+    }
+
+    /// Take the changes from the committed snapshot to the offered one,
+    /// with the snapshot they lead from, once [`SinkSession::incoming`] is
+    /// there: a driver that plans early need not diff again. The
+    /// [`SinkEvent::Commit`] then carries none.
+    pub fn take_changes(&mut self) -> Option<(SnapshotId, Vec<Change>)> {
+        self.incoming()?;
+        Some((self.base.snapshot(), std::mem::take(&mut self.changes)))
     }
 
     /// The root committed before this session.
@@ -846,6 +856,52 @@ mod tests {
             (sum.chunks_received, sum.bytes_received, sum.files_changed),
             (1, 5, 1)
         );
+    }
+
+    /// A driver planning early takes the session's changes instead of
+    /// diffing again; the commit then carries none.
+    #[test]
+    fn changes_are_handed_out_once_the_trees_are_here() {
+        let mut base = Manifest::empty();
+        base.set_entry(b"old", Some(file(b"old", b"x"))).unwrap();
+        let mut m = base.clone();
+        m.set_entry(b"a", Some(file(b"a", b"hello"))).unwrap();
+        m.gc();
+        let now = Instant::now();
+        let mut s = SinkSession::server(Some(base.clone()), SinkOptions::default(), now);
+        s.poll_transmit();
+        s.handle_frame(Frame::Offer { root: m.snapshot() }, now)
+            .unwrap();
+        assert!(s.take_changes().is_none(), "no trees yet");
+        let Some((_, Frame::WantTrees { ids })) = s.poll_transmit() else {
+            panic!()
+        };
+        let trees = ids.iter().map(|id| (*id, m.raw(id).unwrap())).collect();
+        s.handle_frame(Frame::Trees { trees }, now).unwrap();
+        let (from, changes) = s.take_changes().expect("the trees are here");
+        assert_eq!(from, base.snapshot());
+        assert_eq!(changes, diff::diff(&base, &m).unwrap());
+        assert_eq!(changes.len(), 1);
+        let id = ChunkId::of(b"hello");
+        s.chunks_missing(vec![id]).unwrap();
+        s.handle_frame(
+            Frame::Chunks {
+                chunks: vec![(id, b"hello".to_vec())],
+            },
+            now,
+        )
+        .unwrap();
+        while let Some(ev) = s.poll_event() {
+            if matches!(ev, SinkEvent::StoreChunks(_)) {
+                s.chunks_stored(vec![id]).unwrap();
+            }
+            if let SinkEvent::Commit { manifest, changes } = ev {
+                assert_eq!(manifest.snapshot(), m.snapshot());
+                assert!(changes.is_empty(), "taken by the driver");
+                return;
+            }
+        }
+        panic!("no commit");
     }
 
     #[test]
