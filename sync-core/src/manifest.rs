@@ -485,12 +485,29 @@ impl Manifest {
 
     /// Store encoded bytes received from a peer after checking them.
     pub fn insert_raw(&mut self, expect: TreeId, bytes: &[u8]) -> Result<Tree, ManifestError> {
+        Ok(self.insert_checked(Manifest::check_raw(expect, bytes)?))
+    }
+
+    /// Check encoded bytes received from a peer against `expect`, decode
+    /// and compress them for [`Manifest::insert_checked`]: without the
+    /// manifest, so that a batch of them can be checked on several threads.
+    pub fn check_raw(expect: TreeId, bytes: &[u8]) -> Result<CheckedTree, ManifestError> {
         if TreeId::of(bytes) != expect {
             return Err(ManifestError::HashMismatch(expect));
         }
         let tree = Tree::decode(bytes)?;
-        self.trees.entry(expect).or_insert_with(|| pack(bytes));
-        Ok(tree)
+        Ok(CheckedTree {
+            id: expect,
+            tree,
+            held: pack(bytes),
+        })
+    }
+
+    /// Store a tree object [`Manifest::check_raw`] checked; its decoded
+    /// form is handed back.
+    pub fn insert_checked(&mut self, t: CheckedTree) -> Tree {
+        self.trees.entry(t.id).or_insert(t.held);
+        t.tree
     }
 
     /// Store a tree object in its packed form (as [`Manifest::packed`]
@@ -738,6 +755,15 @@ impl Manifest {
         }
         Manifest::from_parts(root, trees)
     }
+}
+
+/// A tree object from a peer that [`Manifest::check_raw`] checked against
+/// its id and decoded, ready to be stored.
+#[derive(Debug)]
+pub struct CheckedTree {
+    id: TreeId,
+    tree: Tree,
+    held: Arc<[u8]>,
 }
 
 /// Smaller trees are held as they are: compression would not pay (on a

@@ -132,6 +132,10 @@ pub struct SinkSession {
     last: Instant,
 }
 
+/// A batch of tree objects from this many on is checked on rayon's
+/// threads.
+const PARALLEL_TREES: usize = 8;
+
 impl SinkSession {
     fn new(committed: Option<Manifest>, opts: SinkOptions, state: State, now: Instant) -> Self {
         let committed_root = committed.as_ref().map(Manifest::snapshot);
@@ -477,8 +481,10 @@ impl SinkSession {
     }
 
     fn on_trees(&mut self, trees: Vec<(TreeId, Vec<u8>)>) -> Result<(), SessionError> {
-        for (id, bytes) in trees {
-            let Some(depth) = self.tree_pending.remove(&id) else {
+        // Each one asked for, all within the budget, before any is decoded.
+        let mut depths = Vec::with_capacity(trees.len());
+        for (id, bytes) in &trees {
+            let Some(depth) = self.tree_pending.remove(id) else {
                 return Err(SessionError::NotRequested {
                     what: "tree",
                     id: id.to_string(),
@@ -491,17 +497,28 @@ impl SinkSession {
                     self.opts.max_tree_bytes
                 )));
             }
-            let tree = self
-                .incoming
-                .insert_raw(id, &bytes)
-                .map_err(|e| SessionError::BadTree {
-                    id,
-                    reason: e.to_string(),
-                })?;
-            self.trees_received += 1;
-            if let Some(raw) = self.incoming.raw(&id) {
-                self.fetched.push((id, raw.clone().into()));
+            depths.push(depth);
+        }
+        // Checked, decoded and compressed on every core: the fetch of a
+        // large tree's objects is on the way to its first chunk.
+        let checked: Vec<_> = {
+            use rayon::prelude::*;
+            let check = |(id, bytes): &(TreeId, Vec<u8>)| Manifest::check_raw(*id, bytes);
+            match trees.len() < PARALLEL_TREES {
+                true => trees.iter().map(check).collect(),
+                false => trees.par_iter().map(check).collect(),
             }
+        };
+        for (((id, bytes), depth), checked) in trees.into_iter().zip(depths).zip(checked) {
+            let checked = checked.map_err(|e| SessionError::BadTree {
+                id,
+                reason: e.to_string(),
+            })?;
+            let tree = self.incoming.insert_checked(checked);
+            self.trees_received += 1;
+            // Kept as received (checked above) for a resumed fetch: not
+            // read back out of the manifest, which holds it compressed.
+            self.fetched.push((id, bytes.into()));
             if self.trees_received as usize > MAX_TREES {
                 return Err(SessionError::TooLarge(format!(
                     "more than {MAX_TREES} tree objects"
