@@ -592,7 +592,15 @@ pub async fn drive_source(
                 }
             }
         }
-        if outcome.is_none() && !to_read.is_empty() && io.locator.get().is_none() && !indexing {
+        // Indexed once chunks are asked for, or as soon as the sink has
+        // fetched every tree (an initial sync): it cannot ask for another,
+        // and the index is built while it finds which chunks it lacks.
+        let all_served = || session.trees_served().len() >= io.locator.manifest().tree_count();
+        if outcome.is_none()
+            && (!to_read.is_empty() || all_served())
+            && io.locator.get().is_none()
+            && !indexing
+        {
             indexing = true;
             let locator = io.locator.clone();
             let fetched = session.trees_served().clone();
