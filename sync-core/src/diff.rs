@@ -2,7 +2,7 @@
 //! every subtree whose id is equal on both sides: the cost follows the
 //! change, not the tree. No IO.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use crate::chunk::chunk_spans;
 use crate::hash::{ChunkId, TreeId};
@@ -36,9 +36,38 @@ impl Change {
 
 /// Every change that turns `old` into `new`.
 pub fn diff(old: &Manifest, new: &Manifest) -> Result<Vec<Change>, ManifestError> {
+    diff_decoded(old, new, HashMap::new())
+}
+
+/// [`diff`], given trees of `new` already decoded (as a sink session has
+/// them from checking what it received): those are not decoded again.
+pub fn diff_decoded(
+    old: &Manifest,
+    new: &Manifest,
+    decoded: HashMap<TreeId, Tree>,
+) -> Result<Vec<Change>, ManifestError> {
     let mut out = Vec::new();
-    diff_trees(old, Some(old.root()), new, new.root(), &[], &mut out, 0)?;
+    let mut w = Walk { old, new, decoded };
+    diff_trees(&mut w, Some(old.root()), new.root(), &[], &mut out, 0)?;
     Ok(out)
+}
+
+/// Both snapshots of a [`diff`], and trees of the new one decoded before.
+struct Walk<'a> {
+    old: &'a Manifest,
+    new: &'a Manifest,
+    decoded: HashMap<TreeId, Tree>,
+}
+
+impl Walk<'_> {
+    /// A tree of the new snapshot: the one decoded before, the first time
+    /// (a subtree found at several paths is decoded again after).
+    fn new_tree(&mut self, id: TreeId) -> Result<Tree, ManifestError> {
+        match self.decoded.remove(&id) {
+            Some(t) => Ok(t),
+            None => self.new.tree(&id),
+        }
+    }
 }
 
 fn same_kind(a: &Entry, b: &Entry) -> bool {
@@ -46,9 +75,8 @@ fn same_kind(a: &Entry, b: &Entry) -> bool {
 }
 
 fn diff_trees(
-    old: &Manifest,
+    w: &mut Walk<'_>,
     old_id: Option<TreeId>,
-    new: &Manifest,
     new_id: TreeId,
     prefix: &[u8],
     out: &mut Vec<Change>,
@@ -61,10 +89,10 @@ fn diff_trees(
         return Err(ManifestError::TooDeep);
     }
     let a = match old_id {
-        Some(id) => old.tree(&id)?,
+        Some(id) => w.old.tree(&id)?,
         None => Tree::default(),
     };
-    let b = new.tree(&new_id)?;
+    let b = w.new_tree(new_id)?;
     // Both trees are decoded for this walk alone: their entries are moved
     // into the changes, not copied.
     let (mut a, mut b) = (
@@ -88,7 +116,7 @@ fn diff_trees(
             }
             std::cmp::Ordering::Greater => {
                 let e = b.next().expect("peeked");
-                added(old, new, prefix, e, out, depth)?;
+                added(w, prefix, e, out, depth)?;
             }
             std::cmp::Ordering::Equal => {
                 let (x, y) = (a.next().expect("peeked"), b.next().expect("peeked"));
@@ -98,7 +126,7 @@ fn diff_trees(
                         path: path.clone(),
                         entry: x,
                     });
-                    added(old, new, prefix, y, out, depth)?;
+                    added(w, prefix, y, out, depth)?;
                 } else if let (Kind::Dir { tree: ta }, Kind::Dir { tree: tb }) = (&x.kind, &y.kind)
                 {
                     let (ta, tb) = (*ta, *tb);
@@ -109,7 +137,7 @@ fn diff_trees(
                             new: y,
                         });
                     }
-                    diff_trees(old, Some(ta), new, tb, &path, out, depth + 1)?;
+                    diff_trees(w, Some(ta), tb, &path, out, depth + 1)?;
                 } else if x != y {
                     out.push(Change::Modified {
                         path,
@@ -126,8 +154,7 @@ fn diff_trees(
 /// An entry of `new` with no counterpart in `old`, and all of its
 /// contents if it is a directory.
 fn added(
-    old: &Manifest,
-    new: &Manifest,
+    w: &mut Walk<'_>,
     prefix: &[u8],
     e: Entry,
     out: &mut Vec<Change>,
@@ -140,7 +167,7 @@ fn added(
                 path: path.clone(),
                 entry: e,
             });
-            diff_trees(old, None, new, tree, &path, out, depth + 1)
+            diff_trees(w, None, tree, &path, out, depth + 1)
         }
         _ => {
             out.push(Change::Added { path, entry: e });
@@ -301,6 +328,9 @@ mod tests {
                 let replaced = matches!((&w[0], &w[1]), (Change::Removed { .. }, Change::Added { .. }));
                 prop_assert!(x < y || (x == y && replaced), "{:?} before {:?}", w[0].path(), w[1].path());
             }
+            // Trees decoded before are used as they are.
+            let decoded = mb.packed().keys().map(|id| (*id, mb.tree(id).unwrap())).collect();
+            prop_assert_eq!(&diff_decoded(&ma, &mb, decoded).unwrap(), &changes);
             let applied = apply(&ma, &changes).unwrap();
             prop_assert_eq!(applied.root(), mb.root());
             prop_assert_eq!(changes.is_empty(), ma.root() == mb.root());

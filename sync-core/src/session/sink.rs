@@ -115,6 +115,10 @@ pub struct SinkSession {
     /// Tree objects received from the peer in this session.
     fetched: Vec<(TreeId, Arc<[u8]>)>,
     changes: Vec<Change>,
+    /// Received trees as decoded when checked, for the diff once all are
+    /// here (up to [`DECODED_MAX`] of their encoded bytes).
+    decoded: HashMap<TreeId, Tree>,
+    decoded_bytes: usize,
     needed: Vec<(ChunkId, u32)>,
     chunk_queue: VecDeque<(ChunkId, u32)>,
     slots: HashMap<ChunkId, Slot>,
@@ -135,6 +139,9 @@ pub struct SinkSession {
 /// A batch of tree objects from this many on is checked on rayon's
 /// threads.
 const PARALLEL_TREES: usize = 8;
+/// Encoded bytes of received trees kept decoded for the diff (their decoded
+/// form takes a few times more memory); past it, the diff decodes them.
+const DECODED_MAX: usize = 16 << 20;
 
 impl SinkSession {
     fn new(committed: Option<Manifest>, opts: SinkOptions, state: State, now: Instant) -> Self {
@@ -156,6 +163,8 @@ impl SinkSession {
             cache: HashMap::new(),
             fetched: Vec::new(),
             changes: Vec::new(),
+            decoded: HashMap::new(),
+            decoded_bytes: 0,
             needed: Vec::new(),
             chunk_queue: VecDeque::new(),
             slots: HashMap::new(),
@@ -516,6 +525,7 @@ impl SinkSession {
             })?;
             let tree = self.incoming.insert_checked(checked);
             self.trees_received += 1;
+            let len = bytes.len();
             // Kept as received (checked above) for a resumed fetch: not
             // read back out of the manifest, which holds it compressed.
             self.fetched.push((id, bytes.into()));
@@ -526,6 +536,10 @@ impl SinkSession {
             }
             for sub in tree.entries.iter().filter_map(|e| e.subtree()) {
                 self.want_tree(sub, depth + 1)?;
+            }
+            if self.decoded_bytes + len <= DECODED_MAX {
+                self.decoded_bytes += len;
+                self.decoded.insert(id, tree);
             }
         }
         self.pump_trees();
@@ -540,13 +554,16 @@ impl SinkSession {
         self.incoming
             .set_root(root.into())
             .map_err(|e| SessionError::Manifest(e.to_string()))?;
-        let changes = diff::diff(&self.base, &self.incoming).map_err(|e| match e {
-            ManifestError::MissingTree(_) => SessionError::Manifest(e.to_string()),
-            other => SessionError::BadTree {
-                id: root.into(),
-                reason: other.to_string(),
-            },
-        })?;
+        self.decoded_bytes = 0;
+        let decoded = std::mem::take(&mut self.decoded);
+        let changes =
+            diff::diff_decoded(&self.base, &self.incoming, decoded).map_err(|e| match e {
+                ManifestError::MissingTree(_) => SessionError::Manifest(e.to_string()),
+                other => SessionError::BadTree {
+                    id: root.into(),
+                    reason: other.to_string(),
+                },
+            })?;
         self.files_changed = changes
             .iter()
             .filter(|c| match c {
