@@ -62,6 +62,32 @@ pub struct FreshFs {
     mounted: Option<PathBuf>,
 }
 
+/// Write every block of a sparse image once (zeros), so that no timed run
+/// writes into a hole: with direct IO, the filesystem under the image then
+/// allocates the block during the write, and the first run on a new image
+/// (ours, in the first round) took 13.5-17 s where the next ones took
+/// 2.7-3.9 s. A real mirror's disk has no holes.
+fn fill(img: &std::fs::File, size: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::{FileExt, MetadataExt};
+    if img.metadata()?.blocks() * 512 >= size {
+        return Ok(());
+    }
+    let zeros = vec![0u8; 8 << 20];
+    let mut at = 0;
+    while at < size {
+        let n = zeros.len().min((size - at) as usize);
+        img.write_all_at(&zeros[..n], at)?;
+        at += n as u64;
+    }
+    img.sync_all()?;
+    // Its pages are of no use to anyone (the loop device reads and writes
+    // past the page cache): dropped, not left to push others out.
+    use std::os::fd::AsRawFd;
+    // SAFETY: a plain syscall on a descriptor we hold open.
+    unsafe { libc::posix_fadvise(img.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    Ok(())
+}
+
 impl FreshFs {
     /// An image of `size` bytes (sparse) under `dir`; `None` (with the
     /// reason printed) where this process may not make and mount one.
@@ -99,6 +125,7 @@ impl FreshFs {
             .open(&self.image)
             .with_context(|| format!("create {}", self.image.display()))?;
         img.set_len(self.size)?;
+        fill(&img, self.size).with_context(|| format!("fill {}", self.image.display()))?;
         drop(img);
         run(Command::new("mkfs.ext4")
             .args([
