@@ -1983,9 +1983,6 @@ mod tests {
         v
     }
 
-    /// Temporaries built while chunks arrive are used by the commit (which
-    /// would fail on an existing temporary if it built them again); the
-    /// rest comes from staging; an unexpected snapshot ignores them.
     /// A plan made ahead from a session's changes is the plan of the
     /// snapshots; changes that lead from another snapshot are not used.
     #[test]
@@ -2023,6 +2020,9 @@ mod tests {
         );
     }
 
+    /// Temporaries built while chunks arrive are used by the commit (which
+    /// would fail on an existing temporary if it built them again); the
+    /// rest comes from staging; an unexpected snapshot ignores them.
     #[test]
     fn files_built_ahead_are_committed_and_the_rest_come_from_staging() {
         let t = tempfile::tempdir().unwrap();
