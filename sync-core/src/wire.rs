@@ -863,11 +863,10 @@ fn decode_exact<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, WireError> {
     body(CHUNKS, bytes)
 }
 
-#[doc(hidden)]
 /// Frames of `bytes` pushed `step` at a time into a [`FrameDecoder`]
 /// (`true`: every byte decoded and the stream ended cleanly) and into a
 /// [`ChunkDecoder`] (frames delivered up to its first error).
-pub fn decode_with_both(bytes: &[u8], step: usize) -> ((Vec<Frame>, bool), (Vec<Frame>, bool)) {
+fn decode_with_both(bytes: &[u8], step: usize) -> ((Vec<Frame>, bool), (Vec<Frame>, bool)) {
     let mut r = FrameDecoder::new();
     let mut reference = Vec::new();
     let ref_ok = 'r: {

@@ -18,12 +18,13 @@ use super::measure::{run, sync};
 
 /// Bytes of an image for `copies` copies of a tree of `bytes` and
 /// `entries` (at mkfs's default inode ratio, 16 KiB each, with room), plus
-/// the journal.
+/// the journal; whole MiB (see [`fill`]).
 pub fn image_size(bytes: u64, entries: usize, copies: u64) -> u64 {
-    (bytes * copies)
+    let size = (bytes * copies)
         .max(entries as u64 * (32 << 10))
         .max(1 << 30)
-        + (JOURNAL_MIB << 20)
+        + (JOURNAL_MIB << 20);
+    size.next_multiple_of(1 << 20)
 }
 
 /// The journal of the fresh filesystem: what mkfs.ext4 gives a filesystem
@@ -72,42 +73,29 @@ fn fill(path: &Path, size: u64) -> std::io::Result<()> {
     if std::fs::metadata(path)?.blocks() * 512 >= size {
         return Ok(());
     }
-    // Past the page cache (O_DIRECT, an aligned buffer): gigabytes of
-    // zeros would otherwise push out the source's pages and churn memory.
+    // Past the page cache (O_DIRECT): gigabytes of zeros would otherwise
+    // push out the source's pages and churn memory. It wants buffers,
+    // offsets and lengths in whole blocks: the size is whole MiB
+    // ([`image_size`]) and the buffer starts at a 4 KiB boundary.
     let img = std::fs::OpenOptions::new()
         .write(true)
         .custom_flags(libc::O_DIRECT)
         .open(path)?;
     const PIECE: usize = 8 << 20;
-    let layout = std::alloc::Layout::from_size_align(PIECE, 4096).expect("valid layout");
-    // SAFETY: a non-zero size; freed below with the same layout.
-    let buf = unsafe { std::alloc::alloc_zeroed(layout) };
-    if buf.is_null() {
-        std::alloc::handle_alloc_error(layout);
-    }
-    // SAFETY: `buf` holds PIECE zeroed bytes until it is freed below.
-    let zeros = unsafe { std::slice::from_raw_parts(buf, PIECE) };
-    // Whole 4 KiB blocks past the page cache; a shorter tail through it.
-    let aligned = size / 4096 * 4096;
+    let buf = vec![0u8; PIECE + 4096];
+    let zeros = &buf[buf.as_ptr().align_offset(4096)..][..PIECE];
     let mut at = 0;
-    let mut res = Ok(());
-    while at < aligned && res.is_ok() {
-        let n = PIECE.min((aligned - at) as usize);
-        res = img.write_all_at(&zeros[..n], at);
+    while at < size {
+        let n = PIECE.min((size - at) as usize);
+        img.write_all_at(&zeros[..n], at)?;
         at += n as u64;
-    }
-    // SAFETY: allocated above with this layout, no longer borrowed.
-    unsafe { std::alloc::dealloc(buf, layout) };
-    res?;
-    if aligned < size {
-        let tail = std::fs::OpenOptions::new().write(true).open(path)?;
-        tail.write_all_at(&vec![0u8; (size - aligned) as usize], aligned)?;
     }
     img.sync_all()
 }
 
 impl FreshFs {
-    /// An image of `size` bytes (sparse) under `dir`; `None` (with the
+    /// An image of `size` bytes (whole MiB, written through once) under
+    /// `dir`; `None` (with the
     /// reason printed) where this process may not make and mount one.
     pub fn try_new(dir: &Path, size: u64) -> Option<FreshFs> {
         // SAFETY: geteuid has no preconditions.
@@ -212,5 +200,35 @@ impl Drop for FreshFs {
         }
         let _ = std::fs::remove_file(&self.image);
         let _ = std::fs::remove_dir(&self.mnt);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    /// A sparse image ends with every block written (zeros), through
+    /// O_DIRECT, on a disk filesystem (the crate's directory; tmpfs has no
+    /// O_DIRECT).
+    #[test]
+    fn fill_writes_every_block_of_a_sparse_image() {
+        let dir = tempfile::tempdir_in(".").unwrap();
+        let img = dir.path().join("img");
+        let size = 9 << 20; // more than one piece
+        std::fs::File::create(&img).unwrap().set_len(size).unwrap();
+        assert!(std::fs::metadata(&img).unwrap().blocks() * 512 < size);
+        fill(&img, size).unwrap();
+        let m = std::fs::metadata(&img).unwrap();
+        assert_eq!(m.len(), size);
+        assert!(m.blocks() * 512 >= size);
+        assert!(std::fs::read(&img).unwrap().iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn images_are_whole_mib() {
+        let size = image_size(1_000_003, 10, 3000);
+        assert_eq!(size % (1 << 20), 0);
+        assert!(size >= 3_000_009_000 + (JOURNAL_MIB << 20));
     }
 }
