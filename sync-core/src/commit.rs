@@ -11,9 +11,10 @@
 //!    only inside it and its directories' metadata (see
 //!    [`crate::plan::Fresh`]);
 //! 2. the new snapshot's tree objects are appended to the state's tree
-//!    log, and one `syncfs` makes them durable with every temporary (one
-//!    call instead of one fsync per file: thousands of small files cost one
-//!    flush);
+//!    log, and one flush makes them durable with every temporary (instead
+//!    of one fsync per file: thousands of small files cost one flush). See
+//!    [`crate::flush`]: a `syncfs`, or on ext4 with a journal each
+//!    temporary's data written out and one journal commit;
 //! 3. the journal (old and new root, plan digest, log length) is written in
 //!    place and `fdatasync`: from here on the commit rolls forward after a
 //!    crash;
@@ -22,7 +23,7 @@
 //!    metadata and hard links, then symlinks (created at a free path,
 //!    else built in `tmp/` and renamed over the old entry), then deletions, then
 //!    directory modes and mtimes, deepest first;
-//! 5. [`Receiver::settle`]: `syncfs`, the head naming the new snapshot is
+//! 5. [`Receiver::settle`]: a flush, the head naming the new snapshot is
 //!    stored, staging and scratch cleared. A receiver may answer its
 //!    sender before this step ([`Receiver::settle_later`]): the journal
 //!    already decides the commit.
@@ -50,6 +51,7 @@ use rustix::io::Errno;
 
 use crate::chunk::chunk_spans;
 use crate::crashpoint::{self, hit};
+use crate::flush::{self, Flush};
 use crate::hash::{ChunkId, FileHash, SnapshotId, TreeId};
 use crate::manifest::{lossy, Entry, Kind, Manifest, ManifestError};
 use crate::plan::{NodeKind, Op, Place, PlanError, SyncPlan};
@@ -169,6 +171,8 @@ pub struct Receiver {
     /// The snapshot the chunk index describes, when a commit has not
     /// updated it yet (see [`Receiver::settle`]).
     index_from: Option<Manifest>,
+    /// How commits make their writes durable (see [`crate::flush`]).
+    flush: Flush,
 }
 
 /// What [`Receiver::expect`] planned: the plan (taken for the commit),
@@ -522,6 +526,12 @@ impl Receiver {
             }
             _ => state.load_committed(now)?,
         };
+        let flush = {
+            let state_dir = state.open_dir()?;
+            let tmp = open_state_dir(state.path(), "tmp")?;
+            Flush::for_fds(&[root.fd(), state_dir.as_fd(), tmp.as_fd()])
+        };
+        tracing::debug!(?flush, "durability");
         let mut r = Receiver {
             root,
             state,
@@ -536,6 +546,7 @@ impl Receiver {
             unsettled: false,
             settle_later: false,
             index_from: None,
+            flush,
         };
         r.recovered = r.recover()?;
         if r.recovered.is_none() {
@@ -899,10 +910,19 @@ impl Receiver {
         let len = self.state.write_trees(gen, at, fresh)?;
         let trees = started.elapsed();
         hit("trees-appended");
-        hit("before-syncfs");
+        hit("before-flush");
         let state_dir = self.state.open_dir()?;
-        sync_filesystems(&[scratch.tmp.as_fd(), state_dir.as_fd()])?;
-        hit("after-syncfs");
+        let journal = self.flush == Flush::Journal
+            && write_out_temps(&scratch, plan)
+                .inspect_err(|e| tracing::debug!("{e}: syncfs instead"))
+                .is_ok();
+        if journal {
+            self.state.write_out_log(gen)?;
+            flush::commit_journal(state_dir.as_fd()).map_err(io_err("commit the journal", b"."))?;
+        } else {
+            sync_filesystems(&[scratch.tmp.as_fd(), state_dir.as_fd()])?;
+        }
+        hit("after-flush");
         tracing::debug!(
             build_ms = cleared.as_millis() as u64,
             clear_ms = (built - cleared).as_millis() as u64,
@@ -1042,8 +1062,9 @@ impl Receiver {
         self.settle_later = later;
     }
 
-    /// Finish the last commit: one `syncfs` makes the changed tree and the
-    /// staged head durable, the head is renamed in (not synced: the
+    /// Finish the last commit: one flush (see [`crate::flush`]: after the
+    /// temporaries were made durable, only metadata and the head are left)
+    /// makes the changed tree and the staged head durable, the head is renamed in (not synced: the
     /// journal, which stays, finishes the commit again if the rename is
     /// lost, and the next commit's sync makes it durable before its own
     /// journal replaces this one), then staging and scratch are cleared.
@@ -1054,11 +1075,20 @@ impl Receiver {
         }
         let head = self.head.expect("a commit set the head");
         let started = std::time::Instant::now();
-        hit("before-final-syncfs");
+        hit("before-final-flush");
         self.state.stage_head(&head)?;
         let state_dir = self.state.open_dir()?;
-        let tmp = self.open_state_dir("tmp")?;
-        sync_filesystems(&[self.root.fd(), tmp.as_fd(), state_dir.as_fd()])?;
+        match self.flush {
+            Flush::Journal => {
+                self.state.write_out_staged_head()?;
+                flush::commit_journal(state_dir.as_fd())
+                    .map_err(io_err("commit the journal", b"."))?;
+            }
+            Flush::Syncfs => {
+                let tmp = self.open_state_dir("tmp")?;
+                sync_filesystems(&[self.root.fd(), tmp.as_fd(), state_dir.as_fd()])?;
+            }
+        }
         tracing::debug!(sync_ms = started.elapsed().as_millis() as u64, "settled");
         hit("before-manifest-store");
         self.state.publish_head()?;
@@ -1096,15 +1126,54 @@ impl Receiver {
 
 /// `syncfs` each filesystem that one of `fds` lies on, once.
 fn sync_filesystems(fds: &[BorrowedFd<'_>]) -> Result<(), CommitError> {
-    let mut done = Vec::with_capacity(fds.len());
-    for fd in fds {
-        let dev = rustix::fs::fstat(fd).map_err(io_err("stat", b"."))?.st_dev;
-        if !done.contains(&dev) {
-            rustix::fs::syncfs(fd).map_err(io_err("syncfs", b"."))?;
-            done.push(dev);
+    flush::sync_filesystems(fds).map_err(|source| CommitError::Io {
+        op: "syncfs",
+        path: ".".into(),
+        source,
+    })
+}
+
+/// Write out the data of every temporary of `plan` and wait for it
+/// ([`Flush::Journal`]; the journal commit that follows makes it durable).
+/// Files under [`WRITEBACK_MIN`], not started when built, are all started
+/// before the first wait. An error (a temporary that cannot be opened,
+/// such as one of mode 000 when not root; a failed write) makes the caller
+/// fall back to `syncfs`.
+fn write_out_temps(scratch: &Scratch, plan: &SyncPlan) -> Result<(), CommitError> {
+    let open = |i: usize, last: &mut LastParent| -> Result<OwnedFd, CommitError> {
+        let op = &plan.files[i];
+        let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let numbered;
+        let (dir, name) = match scratch.fresh.as_ref().filter(|_| plan.fresh.file(i)) {
+            Some(t) => {
+                let (dir, name) = parent_of(t, &op.path, last)?;
+                (dir.as_fd(), name)
+            }
+            None => {
+                numbered = tmp_name('f', i);
+                (scratch.tmp.as_fd(), numbered.as_bytes())
+            }
+        };
+        openat(dir, name, flags, Mode::empty()).map_err(io_err("open a temporary of", &op.path))
+    };
+    let size = |op: &Op| match &op.entry.kind {
+        Kind::File { size, .. } => *size,
+        _ => 0,
+    };
+    in_parallel(&plan.files, 0, |i, op, last| {
+        if (1..WRITEBACK_MIN).contains(&size(op)) {
+            flush::start_write(open(i, last)?.as_fd());
         }
-    }
-    Ok(())
+        Ok(())
+    })?;
+    in_parallel(&plan.files, 0, |i, op, last| match size(op) {
+        0 => Ok(()),
+        _ => flush::write_and_wait(open(i, last)?.as_fd()).map_err(|source| CommitError::Io {
+            op: "write out",
+            path: lossy(&op.path),
+            source,
+        }),
+    })
 }
 
 fn timestamps(mtime_ns: i64) -> Timestamps {
@@ -1492,7 +1561,7 @@ fn build_file(
         written += len as u64;
     }
     if *size >= WRITEBACK_MIN {
-        start_writeback(file.as_fd());
+        flush::start_write(file.as_fd());
     }
     let whole_ok = match hasher {
         Some(h) => FileHash::from(h.finalize()) == *hash,
@@ -1511,24 +1580,12 @@ fn build_file(
 }
 
 /// Files from this size have their writeback started as soon as they are
-/// built. Smaller ones are left to the syncfs before the journal, which
-/// writes them out together: started one by one, each is an IO of its own
-/// that costs the transfer more CPU than the syncfs saves (an initial sync
+/// built. Smaller ones are left to the flush before the journal: started
+/// one by one while chunks arrive, each is an IO of its own that costs the
+/// transfer more CPU than the flush saves (an initial sync
 /// of 101k entries, 10k of its 14k files under 64 KiB: 2.96-3.16 s this way
 /// against 3.16-3.53 s with every file started, and 3.5-3.6 s with none).
 const WRITEBACK_MIN: u64 = 64 << 10;
-
-/// Start writing `fd`'s dirty pages to disk now, without waiting: the
-/// syncfs before the journal then finds most of the data already written,
-/// and the disk works while the next files are assembled.
-fn start_writeback(fd: BorrowedFd<'_>) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: a plain syscall on a descriptor we hold open; no memory is
-    // passed. Its failure only loses the head start, so it is ignored.
-    unsafe {
-        libc::sync_file_range(fd.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
-    }
-}
 
 /// Owner, then mode (chown clears setuid), then times, on an open fd.
 fn set_fd_meta(fd: impl AsFd, e: &Entry, owners: bool) -> Result<(), Errno> {

@@ -9,6 +9,7 @@ pub mod commit;
 pub mod crashpoint;
 pub mod debounce;
 pub mod diff;
+pub mod flush;
 pub mod hash;
 pub mod manifest;
 pub mod plan;

@@ -679,6 +679,29 @@ impl StateDir {
         std::fs::rename(self.path.join(format!("{name}.new")), &dst).map_err(ioe("rename", &dst))
     }
 
+    /// Write out the tree log `gen` and wait for the disk to have it (for
+    /// a journal commit that follows: see [`crate::flush`]).
+    pub fn write_out_log(&self, gen: u64) -> Result<(), StateError> {
+        self.write_out(&Head::log_name(gen))
+    }
+
+    /// Write out the head staged by [`StateDir::stage_head`] and wait for
+    /// the disk to have it (as [`StateDir::write_out_log`]).
+    pub fn write_out_staged_head(&self) -> Result<(), StateError> {
+        self.write_out(&format!("{HEAD_FILE}.new"))
+    }
+
+    fn write_out(&self, name: &str) -> Result<(), StateError> {
+        use std::os::fd::AsFd;
+        let p = self.path.join(name);
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&p)
+            .map_err(ioe("open", &p))?;
+        crate::flush::write_and_wait(f.as_fd()).map_err(ioe("write out", &p))
+    }
+
     /// The state directory itself, opened (to sync its filesystem).
     pub fn open_dir(&self) -> Result<File, StateError> {
         File::open(&self.path).map_err(ioe("open", &self.path))

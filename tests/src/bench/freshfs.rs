@@ -59,6 +59,8 @@ pub struct FreshFs {
     image: PathBuf,
     mnt: PathBuf,
     size: u64,
+    /// The journal's size in MiB; `None`: mkfs's choice for the size.
+    journal_mib: Option<u64>,
     /// The loop device while mounted.
     mounted: Option<PathBuf>,
 }
@@ -98,6 +100,12 @@ impl FreshFs {
     /// `dir`; `None` (with the
     /// reason printed) where this process may not make and mount one.
     pub fn try_new(dir: &Path, size: u64) -> Option<FreshFs> {
+        Self::try_with_journal(dir, size, Some(JOURNAL_MIB))
+    }
+
+    /// As [`FreshFs::try_new`], with a journal of `journal_mib` MiB, or
+    /// mkfs's default for the size (`None`).
+    pub fn try_with_journal(dir: &Path, size: u64, journal_mib: Option<u64>) -> Option<FreshFs> {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
             eprintln!("bench: not root: initial runs use the work directory");
@@ -107,6 +115,7 @@ impl FreshFs {
             image: dir.join("fresh-fs.img"),
             mnt: dir.join("fresh-fs"),
             size,
+            journal_mib,
             mounted: None,
         };
         match fs.remake() {
@@ -133,16 +142,17 @@ impl FreshFs {
         img.set_len(self.size)?;
         drop(img);
         fill(&self.image, self.size).with_context(|| format!("fill {}", self.image.display()))?;
-        run(Command::new("mkfs.ext4")
-            .args([
-                "-q",
-                "-F",
-                "-E",
-                "nodiscard,lazy_itable_init=0,lazy_journal_init=0",
-                "-J",
-                &format!("size={JOURNAL_MIB}"),
-            ])
-            .arg(&self.image))?;
+        let mut mkfs = Command::new("mkfs.ext4");
+        mkfs.args([
+            "-q",
+            "-F",
+            "-E",
+            "nodiscard,lazy_itable_init=0,lazy_journal_init=0",
+        ]);
+        if let Some(mib) = self.journal_mib {
+            mkfs.args(["-J", &format!("size={mib}")]);
+        }
+        run(mkfs.arg(&self.image))?;
         let dev = run(Command::new("losetup")
             .args(["-f", "--direct-io=on", "--show"])
             .arg(&self.image))?;
@@ -158,6 +168,12 @@ impl FreshFs {
     /// Where the filesystem is mounted (by [`FreshFs::remake`]).
     pub fn mount_point(&self) -> &Path {
         &self.mnt
+    }
+
+    /// The image file the loop device reads and writes (directly: what it
+    /// holds is what the disk would hold).
+    pub fn image(&self) -> &Path {
+        &self.image
     }
 
     /// Unmount and free the loop device. A process that has just been
