@@ -464,6 +464,18 @@ impl Manifest {
         self.trees.get(id).and_then(|p| unpack(p).ok())
     }
 
+    /// The length of a tree object's encoding ([`Manifest::raw`]'s), read
+    /// from how it is held, without decompressing it.
+    pub fn raw_len(&self, id: &TreeId) -> Option<usize> {
+        match self.trees.get(id)?.split_first()? {
+            (0, raw) => Some(raw.len()),
+            (1, rest) if rest.len() >= 4 => {
+                Some(u32::from_le_bytes(rest[..4].try_into().ok()?) as usize)
+            }
+            _ => None,
+        }
+    }
+
     /// Decode a tree object of this manifest.
     pub fn tree(&self, id: &TreeId) -> Result<Tree, ManifestError> {
         Tree::decode(&unpack(

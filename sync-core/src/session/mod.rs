@@ -36,6 +36,10 @@ pub use source::{
 use crate::hash::{ChunkId, SnapshotId, TreeId};
 use crate::wire::{Direction, ErrorCode, Frame, MAX_AGENT, MAX_TREE_NAME, PROTOCOL_VERSION};
 
+/// A batch of tree objects from this many on is decompressed (by a
+/// source) or checked (by a sink) on rayon's threads.
+const PARALLEL_TREES: usize = 8;
+
 /// Where a frame goes: the ordered control stream, or any of the data
 /// streams (only `Chunks`), which the transport may spread and which may
 /// arrive in any order relative to each other and to control frames.

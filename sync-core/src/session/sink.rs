@@ -9,7 +9,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::{check_version, hello, Channel, SessionError, Summary};
+use super::{check_version, hello, Channel, SessionError, Summary, PARALLEL_TREES};
 use crate::diff::{self, Change};
 use crate::hash::{ChunkId, SnapshotId, TreeId};
 use crate::manifest::{Kind, Manifest, ManifestError, Tree, MAX_DEPTH, MAX_TREES};
@@ -136,9 +136,6 @@ pub struct SinkSession {
     last: Instant,
 }
 
-/// A batch of tree objects from this many on is checked on rayon's
-/// threads.
-const PARALLEL_TREES: usize = 8;
 /// Encoded bytes of received trees kept decoded for the diff (their decoded
 /// form takes a few times more memory); past it, the diff decodes them.
 const DECODED_MAX: usize = 16 << 20;

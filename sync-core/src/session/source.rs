@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::{check_version, hello, Channel, SessionError, Summary};
+use super::{check_version, hello, Channel, SessionError, Summary, PARALLEL_TREES};
 use crate::chunk::chunk_spans;
 use crate::diff::{diff, Change};
 use crate::hash::{ChunkId, SnapshotId, TreeId};
@@ -244,27 +244,36 @@ impl SourceSession {
             match self.out.pop_front()? {
                 Out::Frame(ch, f) => return Some((ch, f)),
                 Out::Trees(mut ids) => {
-                    let mut trees = Vec::new();
+                    // A batch's worth of ids (presence and size were
+                    // checked when asked for), then their encodings,
+                    // decompressed on every core.
+                    let mut batch = Vec::new();
                     let mut bytes = 0usize;
                     while let Some(id) = ids.front() {
-                        // Presence and size were checked when asked for.
-                        let Some(raw) = self.manifest.raw(id) else {
+                        let Some(len) = self.manifest.raw_len(id) else {
                             ids.pop_front();
                             continue;
                         };
-                        if !trees.is_empty()
-                            && (bytes + raw.len() > MAX_TREE_BATCH
-                                || trees.len() >= MAX_IDS_PER_MESSAGE)
+                        if !batch.is_empty()
+                            && (bytes + len > MAX_TREE_BATCH || batch.len() >= MAX_IDS_PER_MESSAGE)
                         {
                             break;
                         }
-                        bytes += raw.len();
-                        trees.push((*id, raw.to_vec()));
+                        bytes += len;
+                        batch.push(*id);
                         ids.pop_front();
                     }
                     if !ids.is_empty() {
                         self.out.push_front(Out::Trees(ids));
                     }
+                    let raw = |id: &TreeId| Some((*id, self.manifest.raw(id)?));
+                    let trees: Vec<(TreeId, Vec<u8>)> = match batch.len() < PARALLEL_TREES {
+                        true => batch.iter().filter_map(raw).collect(),
+                        false => {
+                            use rayon::prelude::*;
+                            batch.par_iter().filter_map(raw).collect()
+                        }
+                    };
                     if trees.is_empty() {
                         continue;
                     }
@@ -350,14 +359,13 @@ impl SourceSession {
             )));
         }
         for id in &ids {
-            let raw = self
+            let len = self
                 .manifest
-                .raw(id)
+                .raw_len(id)
                 .ok_or(SessionError::UnknownTree(*id))?;
-            if raw.len() > MAX_FRAME - 64 {
+            if len > MAX_FRAME - 64 {
                 return Err(SessionError::TooLarge(format!(
-                    "tree {id} of {} bytes does not fit in a frame",
-                    raw.len()
+                    "tree {id} of {len} bytes does not fit in a frame"
                 )));
             }
             if !self.trees_served.insert(*id) {
