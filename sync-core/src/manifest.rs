@@ -906,6 +906,31 @@ pub(crate) mod tests {
         let small = hold(b"small");
         assert!(matches!(for_storage(&small), std::borrow::Cow::Borrowed(b) if b == &small[..]));
     }
+
+    /// A tree's length is read from how it is held, compressed or not.
+    #[test]
+    fn raw_len_is_the_length_of_the_encoding() {
+        let mut m = Manifest::empty();
+        let small = Tree {
+            entries: vec![file(b"a", b"1")],
+        };
+        let big = Tree {
+            entries: (0..100u32)
+                .map(|i| file(format!("file-{i:03}").as_bytes(), &i.to_le_bytes()))
+                .collect(),
+        };
+        for t in [small, big] {
+            let id = m.insert(&t);
+            assert_eq!(m.raw_len(&id), Some(t.encode().len()));
+            assert_eq!(m.raw(&id).map(|r| r.len()), m.raw_len(&id));
+        }
+        assert!(
+            m.trees.values().any(|p| p[0] == 1),
+            "one is held compressed"
+        );
+        assert_eq!(m.raw_len(&TreeId::of(b"absent")), None);
+    }
+
     use proptest::prelude::*;
 
     pub fn file(name: &[u8], content: &[u8]) -> Entry {
