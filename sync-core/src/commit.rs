@@ -1062,12 +1062,13 @@ impl Receiver {
         self.settle_later = later;
     }
 
-    /// Finish the last commit: one flush (see [`crate::flush`]: after the
-    /// temporaries were made durable, only metadata and the head are left)
-    /// makes the changed tree and the staged head durable, the head is renamed in (not synced: the
-    /// journal, which stays, finishes the commit again if the rename is
-    /// lost, and the next commit's sync makes it durable before its own
-    /// journal replaces this one), then staging and scratch are cleared.
+    /// Finish the last commit: one flush (see [`crate::flush`]; the
+    /// temporaries were made durable before the journal, so only metadata
+    /// and the head are left) makes the changed tree and the staged head
+    /// durable, the head is renamed in (not synced: the journal, which
+    /// stays, finishes the commit again if the rename is lost, and the next
+    /// commit's flush makes it durable before its own journal replaces this
+    /// one), then staging and scratch are cleared.
     /// Called by every commit (first, for one left unsettled) and on drop.
     pub fn settle(&mut self) -> Result<(), CommitError> {
         if !self.unsettled {
