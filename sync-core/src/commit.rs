@@ -1142,20 +1142,18 @@ fn sync_filesystems(fds: &[BorrowedFd<'_>]) -> Result<(), CommitError> {
 /// fall back to `syncfs`.
 fn write_out_temps(scratch: &Scratch, plan: &SyncPlan) -> Result<(), CommitError> {
     let open = |i: usize, last: &mut LastParent| -> Result<OwnedFd, CommitError> {
-        let op = &plan.files[i];
         let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-        let numbered;
-        let (dir, name) = match scratch.fresh.as_ref().filter(|_| plan.fresh.file(i)) {
-            Some(t) => {
-                let (dir, name) = parent_of(t, &op.path, last)?;
-                (dir.as_fd(), name)
-            }
-            None => {
-                numbered = tmp_name('f', i);
-                (scratch.tmp.as_fd(), numbered.as_bytes())
-            }
-        };
-        openat(dir, name, flags, Mode::empty()).map_err(io_err("open a temporary of", &op.path))
+        at_temp(
+            scratch.tmp.as_fd(),
+            scratch.fresh.as_ref(),
+            plan,
+            i,
+            last,
+            |dir, name| {
+                openat(dir, name, flags, Mode::empty())
+                    .map_err(io_err("open a temporary of", &plan.files[i].path))
+            },
+        )
     };
     let size = |op: &Op| match &op.entry.kind {
         Kind::File { size, .. } => *size,
@@ -1482,32 +1480,45 @@ fn build_temp(
     link_to: Option<(BorrowedFd<'_>, &str)>,
 ) -> Result<bool, CommitError> {
     let op = &plan.files[i];
-    let numbered;
-    let (dir, name) = match fresh.filter(|_| plan.fresh.file(i)) {
-        Some(t) => {
-            let (dir, name) = parent_of(t, &op.path, last)?;
-            (dir.as_fd(), name)
-        }
-        None => {
-            numbered = tmp_name('f', i);
-            (tmp, numbered.as_bytes())
-        }
-    };
-    build_file(dir, name, op, src, owners).inspect_err(|_| {
-        let _ = unlinkat(dir, name, AtFlags::empty());
-    })?;
-    // A second name in staging (never through a symlink: the temporary was
-    // just created here, and linkat does not follow it). Left over from a
-    // session that ended early, the name is replaced.
-    let Some((to_dir, to_name)) = link_to else {
-        return Ok(false);
-    };
-    let link = || linkat(dir, name, to_dir, to_name, AtFlags::empty());
-    Ok(match link() {
-        Ok(()) => true,
-        Err(Errno::EXIST) => unlinkat(to_dir, to_name, AtFlags::empty()).is_ok() && link().is_ok(),
-        Err(_) => false,
+    at_temp(tmp, fresh, plan, i, last, |dir, name| {
+        build_file(dir, name, op, src, owners).inspect_err(|_| {
+            let _ = unlinkat(dir, name, AtFlags::empty());
+        })?;
+        // A second name in staging (never through a symlink: the temporary
+        // was just created here, and linkat does not follow it). Left over
+        // from a session that ended early, the name is replaced.
+        let Some((to_dir, to_name)) = link_to else {
+            return Ok(false);
+        };
+        let link = || linkat(dir, name, to_dir, to_name, AtFlags::empty());
+        Ok(match link() {
+            Ok(()) => true,
+            Err(Errno::EXIST) => {
+                unlinkat(to_dir, to_name, AtFlags::empty()).is_ok() && link().is_ok()
+            }
+            Err(_) => false,
+        })
     })
+}
+
+/// Where the temporary of `plan.files[i]` is: at its path in `fresh` when
+/// it lies in a fresh subtree, else `tmp/f<i>`; `f` is called with its
+/// directory and name.
+fn at_temp<R>(
+    tmp: BorrowedFd<'_>,
+    fresh: Option<&Root>,
+    plan: &SyncPlan,
+    i: usize,
+    last: &mut LastParent,
+    f: impl FnOnce(BorrowedFd<'_>, &[u8]) -> Result<R, CommitError>,
+) -> Result<R, CommitError> {
+    match fresh.filter(|_| plan.fresh.file(i)) {
+        Some(t) => {
+            let (dir, name) = parent_of(t, &plan.files[i].path, last)?;
+            f(dir.as_fd(), name)
+        }
+        None => f(tmp, tmp_name('f', i).as_bytes()),
+    }
 }
 
 /// Chunks at least this long that are a whole file are staged as a hard

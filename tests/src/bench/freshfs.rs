@@ -67,9 +67,9 @@ pub struct FreshFs {
 
 /// Write every block of a sparse image once (zeros), so that no timed run
 /// writes into a hole: with direct IO, the filesystem under the image then
-/// allocates the block during the write. (Before, the first run on a new
-/// image, ours in the first round, took 13.9-16.9 s in three of five runs
-/// where the next ones took 2.7-3.9 s.) A real mirror's disk has no holes.
+/// allocates the block during the write. A real mirror's disk has no
+/// holes. (This did not end the slow first run after an image is made:
+/// the QUIC suite makes one untimed run of each side first.)
 fn fill(path: &Path, size: u64) -> std::io::Result<()> {
     use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
     if std::fs::metadata(path)?.blocks() * 512 >= size {
