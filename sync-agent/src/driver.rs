@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use quinn::{Connection, RecvStream, SendStream};
+use sync_core::chunk::ChunkBytes;
 use sync_core::commit::{CommitOptions, Prebuilder, Receiver};
 use sync_core::hash::{ChunkId, SnapshotId, TreeId};
 use sync_core::manifest::{lossy, Manifest};
@@ -219,6 +220,8 @@ pub struct SinkIo {
 
 enum Input {
     Frame(Frame),
+    /// The chunks of a `Chunks` frame from a data stream.
+    Chunks(Vec<(ChunkId, ChunkBytes)>),
     Bad(WireError),
     /// A data stream carried a frame other than `Chunks`.
     Misplaced(&'static str),
@@ -248,7 +251,7 @@ enum Job {
 /// a restart of this process; the commit makes what the tree needs durable.
 fn stage_batch(
     r: &mut Receiver,
-    batch: &[(ChunkId, Vec<u8>)],
+    batch: &[(ChunkId, ChunkBytes)],
     linked: &[ChunkId],
 ) -> Result<Vec<ChunkId>, String> {
     let linked: HashSet<&ChunkId> = linked.iter().collect();
@@ -340,13 +343,13 @@ async fn read_frames(mut recv: RecvStream, mut dec: FrameDecoder, tx: mpsc::Send
     }
 }
 
-/// The reader of one data stream: only `Chunks` frames, their contents
-/// copied once, from the received pieces into each chunk's own buffer.
+/// The reader of one data stream: only `Chunks` frames, whose large
+/// chunks stay in the received pieces (see [`ChunkDecoder`]).
 async fn read_data(mut recv: RecvStream, tx: mpsc::Sender<Input>) {
     let mut dec = ChunkDecoder::new();
     loop {
         let (pushed, end) = match recv.read_chunk(1 << 20, true).await {
-            Ok(Some(c)) => (dec.push(&c.bytes), false),
+            Ok(Some(c)) => (dec.push_bytes(c.bytes), false),
             Ok(None) => (dec.finish(), true),
             Err(e) => {
                 let _ = tx.send(Input::Lost(e.to_string())).await;
@@ -354,8 +357,8 @@ async fn read_data(mut recv: RecvStream, tx: mpsc::Sender<Input>) {
             }
         };
         // The frames completed before a failure go first.
-        while let Some(f) = dec.next_frame() {
-            if tx.send(Input::Frame(f)).await.is_err() {
+        while let Some(c) = dec.next_chunks() {
+            if tx.send(Input::Chunks(c)).await.is_err() {
                 return;
             }
         }
@@ -682,6 +685,11 @@ pub async fn drive_source(
                         peer_err = Some(DriveError::Peer { code, message });
                     }
                 }
+                Some(Input::Chunks(c)) => {
+                    // Refused as the frame they came in is.
+                    let chunks = c.into_iter().map(|(id, d)| (id, d.to_vec())).collect();
+                    let _ = session.handle_frame(Frame::Chunks { chunks }, Instant::now());
+                }
                 Some(Input::Bad(e)) => session.abort(wire_code(&e), format!("bad frame: {e}")),
                 Some(Input::Misplaced(n)) => session.abort(ErrorCode::Protocol, format!("{n} frame on a data stream")),
                 Some(Input::TooManyStreams) => session.abort(ErrorCode::Protocol, "too many data streams"),
@@ -872,7 +880,7 @@ pub async fn drive_sink(
         .to_path_buf();
     let mut ctl_out: VecDeque<Vec<u8>> = VecDeque::new();
     let mut no_data: VecDeque<Vec<u8>> = VecDeque::new();
-    let mut to_store: VecDeque<(ChunkId, Vec<u8>)> = VecDeque::new();
+    let mut to_store: VecDeque<(ChunkId, ChunkBytes)> = VecDeque::new();
     let mut storing = 0usize;
     // Set once the receiver has planned the commit ahead.
     let prebuilder: Arc<Mutex<Option<Arc<Prebuilder>>>> = Arc::default();
@@ -1134,6 +1142,9 @@ pub async fn drive_sink(
                     if let Err(SessionError::Peer { code, message }) = session.handle_frame(f, Instant::now()) {
                         peer_err = Some(DriveError::Peer { code, message });
                     }
+                }
+                Some(Input::Chunks(c)) => {
+                    let _ = session.handle_chunks(c, Instant::now());
                 }
                 Some(Input::Bad(e)) => session.abort(wire_code(&e), format!("bad frame: {e}")),
                 Some(Input::Misplaced(n)) => session.abort(ErrorCode::Protocol, format!("{n} frame on a data stream")),

@@ -49,7 +49,7 @@ use rustix::fs::{
 use rustix::fs::{Gid, Uid};
 use rustix::io::Errno;
 
-use crate::chunk::chunk_spans;
+use crate::chunk::{chunk_spans, ChunkBytes};
 use crate::crashpoint::{self, hit};
 use crate::flush::{self, Flush};
 use crate::hash::{ChunkId, FileHash, SnapshotId, TreeId};
@@ -299,7 +299,7 @@ impl Prebuilder {
     /// least [`LINK_MIN`] bytes whose temporary was also hard-linked into
     /// staging (for [`Receiver::stage_linked`]: staged without a second
     /// write of their bytes), when `link` (chunks not staged yet).
-    pub fn build(&self, chunks: &[(ChunkId, Vec<u8>)], link: bool) -> Vec<ChunkId> {
+    pub fn build(&self, chunks: &[(ChunkId, ChunkBytes)], link: bool) -> Vec<ChunkId> {
         let mut linked = Vec::new();
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if st.closed {
@@ -401,14 +401,17 @@ impl Prebuilder {
 }
 
 /// One chunk in memory, as a [`ChunkSource`].
-struct OneChunk<'a>(ChunkId, &'a [u8]);
+struct OneChunk<'a>(ChunkId, &'a ChunkBytes);
 
 impl ChunkSource for OneChunk<'_> {
     fn have(&self, id: &ChunkId) -> bool {
         *id == self.0
     }
     fn read(&self, id: &ChunkId) -> Option<Cow<'_, [u8]>> {
-        (*id == self.0).then_some(Cow::Borrowed(self.1))
+        (*id == self.0).then(|| self.1.contiguous())
+    }
+    fn read_parts(&self, id: &ChunkId) -> Option<Vec<Cow<'_, [u8]>>> {
+        (*id == self.0).then(|| self.1.parts().map(Cow::Borrowed).collect())
     }
 }
 
@@ -742,14 +745,18 @@ impl Receiver {
 
     /// The staged ones of `ids`, taken off the end of `ids` until about
     /// `max_bytes` are read (the rest of `ids` stays).
-    pub fn read_staged(&self, ids: &mut Vec<ChunkId>, max_bytes: usize) -> Vec<(ChunkId, Vec<u8>)> {
+    pub fn read_staged(
+        &self,
+        ids: &mut Vec<ChunkId>,
+        max_bytes: usize,
+    ) -> Vec<(ChunkId, ChunkBytes)> {
         let mut out = Vec::new();
         let mut bytes = 0;
         while bytes < max_bytes {
             let Some(id) = ids.pop() else { break };
             if let Some(data) = self.staging.get(&id) {
                 bytes += data.len();
-                out.push((id, data));
+                out.push((id, data.into()));
             }
         }
         out
@@ -766,9 +773,9 @@ impl Receiver {
 
     /// Stage a chunk whose hash the caller has just checked (see
     /// [`Staging::put_checked`]).
-    pub fn stage_checked(&mut self, id: ChunkId, data: &[u8]) -> Result<(), CommitError> {
+    pub fn stage_checked(&mut self, id: ChunkId, data: &ChunkBytes) -> Result<(), CommitError> {
         self.settle()?;
-        self.staging.put_checked(id, data)?;
+        self.staging.put_checked_parts(id, data)?;
         hit("staged-chunk");
         Ok(())
     }
@@ -1556,19 +1563,25 @@ fn build_file(
     let mut hasher = (!chunks.is_empty()).then(blake3::Hasher::new);
     let mut written = 0u64;
     for (id, off, len) in chunk_spans(*size, *hash, chunks) {
-        let data = src.read(&id).ok_or_else(|| CommitError::MissingChunk {
-            id,
-            path: lossy(&op.path),
-        })?;
-        if data.len() != len as usize {
+        let parts = src
+            .read_parts(&id)
+            .ok_or_else(|| CommitError::MissingChunk {
+                id,
+                path: lossy(&op.path),
+            })?;
+        if parts.iter().map(|p| p.len()).sum::<usize>() != len as usize {
             return Err(CommitError::ContentMismatch {
                 path: lossy(&op.path),
             });
         }
         crashpoint::check_write().map_err(werr)?;
-        crate::safefs::write_all_at(&file, &data, off).map_err(werr)?;
-        if let Some(h) = hasher.as_mut() {
-            h.update(&data);
+        let mut at = off;
+        for p in &parts {
+            crate::safefs::write_all_at(&file, p, at).map_err(werr)?;
+            at += p.len() as u64;
+            if let Some(h) = hasher.as_mut() {
+                h.update(p);
+            }
         }
         written += len as u64;
     }
@@ -2110,14 +2123,18 @@ mod tests {
         let opts = CommitOptions::default();
         let mut r = Receiver::open(&dest, None).unwrap();
         let b = r.expect(&m, &opts).unwrap().expect("a builder");
+        // Each chunk in two pieces, as a data stream may hand it over.
         let chunk = |name: &str| {
             let data = std::fs::read(src.join(name)).unwrap();
-            (ChunkId::of(&data), data)
+            let mut pieces = ChunkBytes::default();
+            pieces.push(data[..data.len() / 3].to_vec().into());
+            pieces.push(data[data.len() / 3..].to_vec().into());
+            (ChunkId::of(&data), pieces)
         };
         // Every chunk is staged; all but f5's are handed to the builder.
         let chunks: Vec<_> = (0..6).map(|i| chunk(&format!("d/f{i}"))).collect();
         for (id, data) in &chunks {
-            r.stage(*id, data).unwrap();
+            r.stage(*id, &data.to_vec()).unwrap();
         }
         r.persist_staging().unwrap();
         b.build(&chunks[..5], true);

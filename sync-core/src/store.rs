@@ -14,7 +14,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::chunk::MAX_CHUNK;
+use crate::chunk::{ChunkBytes, MAX_CHUNK};
 use crate::crashpoint;
 use crate::hash::ChunkId;
 use crate::manifest::{Manifest, ManifestError};
@@ -45,6 +45,11 @@ pub trait ChunkSource: Sync {
     /// The verified bytes of `id`, or `None` if absent or damaged
     /// (borrowed where the source holds them in memory).
     fn read(&self, id: &ChunkId) -> Option<Cow<'_, [u8]>>;
+    /// [`ChunkSource::read`] as the pieces the source holds the bytes in
+    /// (one, unless it keeps them as received: see [`ChunkBytes`]).
+    fn read_parts(&self, id: &ChunkId) -> Option<Vec<Cow<'_, [u8]>>> {
+        self.read(id).map(|d| vec![d])
+    }
 }
 
 const INDEX_RECORD: usize = 48;
@@ -288,21 +293,32 @@ impl Staging {
     /// session checks every chunk it receives): hashing it again would
     /// only cost time.
     pub fn put_checked(&mut self, id: ChunkId, data: &[u8]) -> Result<(), StoreError> {
-        if data.len() > MAX_CHUNK {
-            return Err(StoreError::TooLarge {
-                id,
-                len: data.len(),
-            });
+        self.put_pieces(id, data.len(), std::iter::once(data))
+    }
+
+    /// [`Staging::put_checked`] of bytes held in pieces.
+    pub fn put_checked_parts(&mut self, id: ChunkId, data: &ChunkBytes) -> Result<(), StoreError> {
+        self.put_pieces(id, data.len(), data.parts())
+    }
+
+    fn put_pieces<'a>(
+        &mut self,
+        id: ChunkId,
+        len: usize,
+        pieces: impl Iterator<Item = &'a [u8]>,
+    ) -> Result<(), StoreError> {
+        if len > MAX_CHUNK {
+            return Err(StoreError::TooLarge { id, len });
         }
         if self.slots.contains_key(&id) {
             return Ok(());
         }
         let slot = Slot {
             off: self.written + self.buf.len() as u64,
-            len: data.len() as u32,
+            len: len as u32,
             checked: true,
         };
-        self.buf.extend_from_slice(data);
+        pieces.for_each(|p| self.buf.extend_from_slice(p));
         self.slots.insert(id, slot);
         self.pending.push((id, slot));
         if self.buf.len() >= WRITE_BUFFER {

@@ -8,10 +8,11 @@
 
 use std::fmt;
 
+use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize, Serializer};
 
-use crate::chunk::MAX_CHUNK;
+use crate::chunk::{ChunkBytes, MAX_CHUNK};
 use crate::hash::{ChunkId, SnapshotId, TreeId};
 
 /// Version spoken in `Hello` and `Welcome`.
@@ -642,12 +643,13 @@ impl FrameDecoder {
 }
 
 /// Streaming decoder for a data stream, which carries only `Chunks`
-/// frames. Each chunk's bytes go from the received pieces straight into
-/// that chunk's own buffer, sized from its length prefix (checked against
-/// the frame's remaining length first): one copy, where [`FrameDecoder`]
-/// gathers the whole frame and then copies every chunk out of it. The
-/// frames, limits and refusals are [`FrameDecoder`]'s; a frame of another
-/// type fails as [`WireError::Misplaced`] once its header is in.
+/// frames. A chunk of at least [`SHARE_MIN`] bytes is kept as the pieces
+/// of the received buffers it lies in (no copy); a smaller one is copied
+/// into its own buffer, sized from its length prefix (checked against the
+/// frame's remaining length first). [`FrameDecoder`] instead gathers the
+/// whole frame and then copies every chunk out of it. The frames, limits
+/// and refusals are [`FrameDecoder`]'s; a frame of another type fails as
+/// [`WireError::Misplaced`] once its header is in.
 #[derive(Debug, Default)]
 pub struct ChunkDecoder {
     step: ChunkStep,
@@ -658,8 +660,8 @@ pub struct ChunkDecoder {
     frame_left: usize,
     /// Chunks of the current frame not started yet.
     count_left: u64,
-    chunks: Vec<(ChunkId, Vec<u8>)>,
-    ready: std::collections::VecDeque<Frame>,
+    chunks: Vec<(ChunkId, ChunkBytes)>,
+    ready: std::collections::VecDeque<Vec<(ChunkId, ChunkBytes)>>,
     failed: Option<WireError>,
 }
 
@@ -669,8 +671,30 @@ enum ChunkStep {
     Header,
     Count,
     Prefix,
-    Data(ChunkId, Vec<u8>, usize),
+    Data(ChunkId, Gather, usize),
 }
+
+/// A chunk's bytes as they come in.
+#[derive(Debug)]
+enum Gather {
+    Copy(Vec<u8>),
+    Share(ChunkBytes),
+}
+
+impl Gather {
+    fn len(&self) -> usize {
+        match self {
+            Gather::Copy(v) => v.len(),
+            Gather::Share(c) => c.len(),
+        }
+    }
+}
+
+/// Chunks from this size are kept in the received buffers. A piece holds
+/// on to the whole buffer it came in (a datagram's, up to 64 KiB): a
+/// smaller chunk is copied out, so that the chunks a sink holds pin at
+/// most a few times their own size.
+pub const SHARE_MIN: usize = 32 << 10;
 
 const CHUNKS: &str = "Chunks";
 
@@ -691,9 +715,10 @@ impl ChunkDecoder {
         ChunkDecoder::default()
     }
 
-    /// Take in received bytes; whole frames wait in [`Self::next_frame`].
-    /// After an error the decoder stays failed.
-    pub fn push(&mut self, bytes: &[u8]) -> Result<(), WireError> {
+    /// Take in received bytes (the chunks they carry keep slices of
+    /// them); whole frames' chunks wait in [`Self::next_chunks`]. After
+    /// an error the decoder stays failed.
+    pub fn push_bytes(&mut self, bytes: Bytes) -> Result<(), WireError> {
         if let Some(e) = &self.failed {
             return Err(e.clone());
         }
@@ -701,8 +726,13 @@ impl ChunkDecoder {
             .inspect_err(|e| self.failed = Some(e.clone()))
     }
 
-    /// The next whole frame, `None` if more bytes are needed.
-    pub fn next_frame(&mut self) -> Option<Frame> {
+    /// [`Self::push_bytes`] of a copy of `bytes`.
+    pub fn push(&mut self, bytes: &[u8]) -> Result<(), WireError> {
+        self.push_bytes(Bytes::copy_from_slice(bytes))
+    }
+
+    /// The chunks of the next whole frame, `None` if more bytes are needed.
+    pub fn next_chunks(&mut self) -> Option<Vec<(ChunkId, ChunkBytes)>> {
         self.ready.pop_front()
     }
 
@@ -722,18 +752,19 @@ impl ChunkDecoder {
         }
     }
 
-    fn consume(&mut self, mut bytes: &[u8]) -> Result<(), WireError> {
+    fn consume(&mut self, bytes: Bytes) -> Result<(), WireError> {
         let bad = |reason: &str| WireError::BadPayload {
             kind: CHUNKS,
             reason: reason.to_string(),
         };
+        let mut rest: &[u8] = &bytes;
         loop {
             match &mut self.step {
                 ChunkStep::Header => {
-                    if bytes.is_empty() {
+                    if rest.is_empty() {
                         return Ok(());
                     }
-                    if !self.take_hold(&mut bytes, HEADER_LEN) {
+                    if !self.take_hold(&mut rest, HEADER_LEN) {
                         return Ok(());
                     }
                     let (ty, len) = parse_header(&self.hold)?.expect("a whole header");
@@ -746,7 +777,7 @@ impl ChunkDecoder {
                     self.step = ChunkStep::Count;
                 }
                 ChunkStep::Count => {
-                    let Some(n) = self.varint_prefix(&mut bytes, 0)? else {
+                    let Some(n) = self.varint_prefix(&mut rest, 0)? else {
                         return Ok(());
                     };
                     let count: u64 = decode_exact(&self.hold)?;
@@ -764,7 +795,7 @@ impl ChunkDecoder {
                     self.end_of_chunk()?;
                 }
                 ChunkStep::Prefix => {
-                    let Some(n) = self.varint_prefix(&mut bytes, 32)? else {
+                    let Some(n) = self.varint_prefix(&mut rest, 32)? else {
                         return Ok(());
                     };
                     let (id, len): (ChunkId, u64) = decode_exact(&self.hold)?;
@@ -780,18 +811,31 @@ impl ChunkDecoder {
                     if len > self.frame_left {
                         return Err(bad("a chunk runs past the end of the frame"));
                     }
-                    self.step = ChunkStep::Data(id, Vec::with_capacity(len), len);
+                    let gather = match len >= SHARE_MIN {
+                        true => Gather::Share(ChunkBytes::default()),
+                        false => Gather::Copy(Vec::with_capacity(len)),
+                    };
+                    self.step = ChunkStep::Data(id, gather, len);
                 }
-                ChunkStep::Data(id, data, len) => {
-                    let take = (*len - data.len()).min(bytes.len());
-                    data.extend_from_slice(&bytes[..take]);
-                    bytes = &bytes[take..];
+                ChunkStep::Data(id, gather, len) => {
+                    let take = (*len - gather.len()).min(rest.len());
+                    match gather {
+                        Gather::Copy(v) => v.extend_from_slice(&rest[..take]),
+                        Gather::Share(c) => {
+                            let at = bytes.len() - rest.len();
+                            c.push(bytes.slice(at..at + take));
+                        }
+                    }
+                    rest = &rest[take..];
                     self.frame_left -= take;
-                    if data.len() < *len {
+                    if gather.len() < *len {
                         return Ok(());
                     }
-                    let chunk = (*id, std::mem::take(data));
-                    self.chunks.push(chunk);
+                    let data = match std::mem::replace(gather, Gather::Copy(Vec::new())) {
+                        Gather::Copy(v) => ChunkBytes::from(v),
+                        Gather::Share(c) => c,
+                    };
+                    self.chunks.push((*id, data));
                     self.count_left -= 1;
                     self.step = ChunkStep::Prefix;
                     self.end_of_chunk()?;
@@ -837,7 +881,8 @@ impl ChunkDecoder {
     }
 
     /// After a count or a chunk: once the frame's chunks are all in, check
-    /// that nothing is left over and queue the frame.
+    /// that nothing is left over and queue its chunks (their count and
+    /// lengths were checked as they came).
     fn end_of_chunk(&mut self) -> Result<(), WireError> {
         if self.count_left > 0 {
             return Ok(());
@@ -848,11 +893,7 @@ impl ChunkDecoder {
                 extra: self.frame_left,
             });
         }
-        let frame = Frame::Chunks {
-            chunks: std::mem::take(&mut self.chunks),
-        };
-        frame.validate()?;
-        self.ready.push_back(frame);
+        self.ready.push_back(std::mem::take(&mut self.chunks));
         self.step = ChunkStep::Header;
         Ok(())
     }
@@ -889,7 +930,11 @@ fn decode_with_both(bytes: &[u8], step: usize) -> ((Vec<Frame>, bool), (Vec<Fram
     let ours_ok = 'c: {
         for piece in bytes.chunks(step.max(1)) {
             let pushed = c.push(piece);
-            ours.extend(std::iter::from_fn(|| c.next_frame()));
+            ours.extend(
+                std::iter::from_fn(|| c.next_chunks()).map(|chunks| Frame::Chunks {
+                    chunks: chunks.into_iter().map(|(id, d)| (id, d.to_vec())).collect(),
+                }),
+            );
             if pushed.is_err() {
                 break 'c false;
             }
@@ -1124,6 +1169,32 @@ pub(crate) mod tests {
             frames.push(f);
         }
         (frames, stream)
+    }
+
+    #[test]
+    fn chunk_decoder_keeps_large_chunks_in_the_received_buffers() {
+        let (frames, stream) = chunk_stream(&[vec![SHARE_MIN - 1, 100_000, SHARE_MIN]]);
+        let mut pieces = Vec::new();
+        let mut c = ChunkDecoder::new();
+        for piece in stream.chunks(65_000) {
+            let b = Bytes::copy_from_slice(piece);
+            pieces.push(b.as_ptr_range());
+            c.push_bytes(b).unwrap();
+        }
+        c.finish().unwrap();
+        let chunks = c.next_chunks().expect("one frame");
+        assert!(c.next_chunks().is_none());
+        let Frame::Chunks { chunks: sent } = &frames[0] else {
+            unreachable!()
+        };
+        let within = |p: &[u8]| pieces.iter().any(|r| r.contains(&p.as_ptr()));
+        for ((id, got), (sent_id, data)) in chunks.iter().zip(sent) {
+            assert_eq!((id, got), (sent_id, &ChunkBytes::from(data.clone())));
+            let shared = got.parts().all(within);
+            assert_eq!(shared, data.len() >= SHARE_MIN, "{} bytes", data.len());
+        }
+        // 100,000 bytes from 65,000-byte reads: in several pieces.
+        assert!(chunks[1].1.parts().len() > 1);
     }
 
     #[test]

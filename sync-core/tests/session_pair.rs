@@ -535,9 +535,14 @@ impl<'a> Pair<'a> {
                 }
                 SinkEvent::StoreChunks(chunks) => {
                     for (id, data) in &chunks {
-                        assert_eq!(ChunkId::of(data), *id, "the session verifies chunks");
+                        assert_eq!(
+                            ChunkId::of(&data.to_vec()),
+                            *id,
+                            "the session verifies chunks"
+                        );
                     }
-                    self.unstaged.extend(chunks);
+                    self.unstaged
+                        .extend(chunks.into_iter().map(|(id, d)| (id, d.to_vec())));
                     if !self.cfg.store_lag {
                         self.stage();
                     }

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::{check_version, hello, Channel, SessionError, Summary, PARALLEL_TREES};
+use crate::chunk::ChunkBytes;
 use crate::diff::{self, Change};
 use crate::hash::{ChunkId, SnapshotId, TreeId};
 use crate::manifest::{Kind, Manifest, ManifestError, Tree, MAX_DEPTH, MAX_TREES};
@@ -47,7 +48,7 @@ pub enum SinkEvent {
     NeedChunkCheck(Vec<(ChunkId, u32)>),
     /// Chunks verified against their ids: stage them durably, then call
     /// [`SinkSession::chunks_stored`]; only then do they count as held.
-    StoreChunks(Vec<(ChunkId, Vec<u8>)>),
+    StoreChunks(Vec<(ChunkId, ChunkBytes)>),
     /// Every needed chunk is staged: commit `manifest` (its trees include
     /// the previous snapshot's; `gc` it before keeping it if that matters)
     /// and call [`SinkSession::commit_done`]. `changes` is
@@ -322,6 +323,28 @@ impl SinkSession {
         self.on_frame(frame).map_err(|e| self.fail(e))
     }
 
+    /// The chunks of a `Chunks` frame, as a data stream's decoder gives
+    /// them (see [`crate::wire::ChunkDecoder`]): what
+    /// [`SinkSession::handle_frame`] does with the frame.
+    pub fn handle_chunks(
+        &mut self,
+        chunks: Vec<(ChunkId, ChunkBytes)>,
+        now: Instant,
+    ) -> Result<(), SessionError> {
+        if self.is_closed() {
+            return Ok(());
+        }
+        self.last = self.last.max(now);
+        let r = match self.state {
+            State::Transfer => self.on_chunks(chunks),
+            _ => Err(SessionError::Unexpected {
+                frame: "Chunks",
+                state: self.state.name(),
+            }),
+        };
+        r.map_err(|e| self.fail(e))
+    }
+
     /// Answer to [`SinkEvent::NeedChunkCheck`]: the ids the driver lacks.
     pub fn chunks_missing(&mut self, missing: Vec<ChunkId>) -> Result<(), SessionError> {
         if self.is_closed() {
@@ -406,7 +429,9 @@ impl SinkSession {
             }
             (State::AwaitOffer, Frame::Offer { root }) => self.on_offer(root),
             (State::FetchTrees, Frame::Trees { trees }) => self.on_trees(trees),
-            (State::Transfer, Frame::Chunks { chunks }) => self.on_chunks(chunks),
+            (State::Transfer, Frame::Chunks { chunks }) => {
+                self.on_chunks(chunks.into_iter().map(|(id, d)| (id, d.into())).collect())
+            }
             (State::Transfer | State::Committing, Frame::Done { root }) if self.wants_closed => {
                 if Some(root) != self.offered {
                     return Err(SessionError::WrongRoot {
@@ -646,7 +671,7 @@ impl SinkSession {
         }
     }
 
-    fn on_chunks(&mut self, chunks: Vec<(ChunkId, Vec<u8>)>) -> Result<(), SessionError> {
+    fn on_chunks(&mut self, chunks: Vec<(ChunkId, ChunkBytes)>) -> Result<(), SessionError> {
         for (id, data) in &chunks {
             let len = match self.slots.get(id) {
                 Some(Slot::Asked(len)) => *len,
@@ -663,7 +688,7 @@ impl SinkSession {
                     })
                 }
             };
-            if ChunkId::of(data) != *id {
+            if data.hash() != *id {
                 return Err(SessionError::BadChunk {
                     id: *id,
                     reason: "content does not match its hash (a source file \
