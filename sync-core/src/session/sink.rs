@@ -881,18 +881,40 @@ mod tests {
             )
             .unwrap_err();
         assert_eq!(err.code(), ErrorCode::BadData);
-
-        s.handle_frame(
-            Frame::Chunks {
-                chunks: vec![(id, b"hello".to_vec())],
+        // So is one in pieces (as a data stream hands them over).
+        let pieces = |parts: &[&'static [u8]]| {
+            let mut c = ChunkBytes::default();
+            parts
+                .iter()
+                .for_each(|p| c.push(bytes::Bytes::from_static(p)));
+            c
+        };
+        let mut s3 = offered(&m);
+        s3.poll_transmit();
+        let early = s3.handle_chunks(vec![(id, pieces(&[b"hello"]))], now);
+        assert!(matches!(early, Err(SessionError::Unexpected { .. })));
+        let mut s4 = offered(&m);
+        s4.poll_transmit();
+        s4.handle_frame(
+            Frame::Trees {
+                trees: vec![(m.root(), m.raw(&m.root()).unwrap().to_vec())],
             },
             now,
         )
         .unwrap();
+        s4.chunks_missing(vec![id]).unwrap();
+        let err = s4
+            .handle_chunks(vec![(id, pieces(&[b"hel", b"LO"]))], now)
+            .unwrap_err();
+        assert_eq!(err.code(), ErrorCode::BadData);
+
+        s.handle_chunks(vec![(id, pieces(&[b"he", b"llo"]))], now)
+            .unwrap();
         let Some(SinkEvent::StoreChunks(c)) = s.poll_event() else {
             panic!()
         };
         assert_eq!(c.len(), 1);
+        assert_eq!(c[0].1.parts().len(), 2, "handed on in its pieces");
         assert_eq!(s.outstanding_chunks(), 1);
         s.chunks_stored(vec![id]).unwrap();
         let Some(SinkEvent::Commit { manifest, changes }) = s.poll_event() else {
