@@ -643,11 +643,12 @@ impl FrameDecoder {
 }
 
 /// Streaming decoder for a data stream, which carries only `Chunks`
-/// frames. A chunk of at least [`SHARE_MIN`] bytes is kept as the pieces
-/// of the received buffers it lies in (no copy); a smaller one is copied
-/// into its own buffer, sized from its length prefix (checked against the
-/// frame's remaining length first). [`FrameDecoder`] instead gathers the
-/// whole frame and then copies every chunk out of it. The frames, limits
+/// frames. A chunk's bytes stay in the received buffers where they arrive
+/// in pieces of at least [`SHARE_MIN`] bytes (no copy); smaller pieces
+/// are copied, each run of them into one buffer of the chunk's own, sized
+/// from its length prefix (checked against the frame's remaining length
+/// first). [`FrameDecoder`] instead gathers the whole frame and then
+/// copies every chunk out of it. The frames, limits
 /// and refusals are [`FrameDecoder`]'s; a frame of another type fails as
 /// [`WireError::Misplaced`] once its header is in.
 #[derive(Debug, Default)]
@@ -674,27 +675,55 @@ enum ChunkStep {
     Data(ChunkId, Gather, usize),
 }
 
-/// A chunk's bytes as they come in.
-#[derive(Debug)]
-enum Gather {
-    Copy(Vec<u8>),
-    Share(ChunkBytes),
+/// A chunk's bytes as they come in: shared pieces, and the small pieces
+/// since the last shared one copied into `copied`.
+#[derive(Debug, Default)]
+struct Gather {
+    parts: ChunkBytes,
+    copied: Vec<u8>,
 }
 
 impl Gather {
     fn len(&self) -> usize {
-        match self {
-            Gather::Copy(v) => v.len(),
-            Gather::Share(c) => c.len(),
+        self.parts.len() + self.copied.len()
+    }
+
+    fn add(&mut self, buf: &Bytes, range: std::ops::Range<usize>, chunk_len: usize) {
+        if range.len() >= SHARE_MIN {
+            self.end_copied();
+            self.parts.push(buf.slice(range));
+        } else {
+            // Room for the rest of the chunk (as over a path of 1500-byte
+            // packets, where every piece is small), up to a datagram's.
+            if self.copied.capacity() == 0 {
+                self.copied.reserve((chunk_len - self.len()).min(64 << 10));
+            }
+            self.copied.extend_from_slice(&buf[range]);
         }
+    }
+
+    fn end_copied(&mut self) {
+        if !self.copied.is_empty() {
+            let mut v = std::mem::take(&mut self.copied);
+            if v.capacity() > 2 * v.len() {
+                v.shrink_to_fit();
+            }
+            self.parts.push(Bytes::from(v));
+        }
+    }
+
+    fn finish(mut self) -> ChunkBytes {
+        self.end_copied();
+        self.parts
     }
 }
 
-/// Chunks from this size are kept in the received buffers. A piece holds
-/// on to the whole buffer it came in (a datagram's, up to 64 KiB): a
-/// smaller chunk is copied out, so that the chunks a sink holds pin at
-/// most a few times their own size.
-pub const SHARE_MIN: usize = 32 << 10;
+/// Received pieces from this size are kept in the buffers they came in,
+/// smaller ones copied. A kept piece holds on to its whole buffer (quinn
+/// receives each datagram, or each batch the kernel coalesced, into one
+/// of at most 64 KiB), so what the chunks in a sink's window pin stays
+/// within 4 times their size, however a peer cuts its stream frames.
+pub const SHARE_MIN: usize = 16 << 10;
 
 const CHUNKS: &str = "Chunks";
 
@@ -811,30 +840,18 @@ impl ChunkDecoder {
                     if len > self.frame_left {
                         return Err(bad("a chunk runs past the end of the frame"));
                     }
-                    let gather = match len >= SHARE_MIN {
-                        true => Gather::Share(ChunkBytes::default()),
-                        false => Gather::Copy(Vec::with_capacity(len)),
-                    };
-                    self.step = ChunkStep::Data(id, gather, len);
+                    self.step = ChunkStep::Data(id, Gather::default(), len);
                 }
                 ChunkStep::Data(id, gather, len) => {
                     let take = (*len - gather.len()).min(rest.len());
-                    match gather {
-                        Gather::Copy(v) => v.extend_from_slice(&rest[..take]),
-                        Gather::Share(c) => {
-                            let at = bytes.len() - rest.len();
-                            c.push(bytes.slice(at..at + take));
-                        }
-                    }
+                    let at = bytes.len() - rest.len();
+                    gather.add(&bytes, at..at + take, *len);
                     rest = &rest[take..];
                     self.frame_left -= take;
                     if gather.len() < *len {
                         return Ok(());
                     }
-                    let data = match std::mem::replace(gather, Gather::Copy(Vec::new())) {
-                        Gather::Copy(v) => ChunkBytes::from(v),
-                        Gather::Share(c) => c,
-                    };
+                    let data = std::mem::take(gather).finish();
                     self.chunks.push((*id, data));
                     self.count_left -= 1;
                     self.step = ChunkStep::Prefix;
@@ -1172,29 +1189,45 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn chunk_decoder_keeps_large_chunks_in_the_received_buffers() {
-        let (frames, stream) = chunk_stream(&[vec![SHARE_MIN - 1, 100_000, SHARE_MIN]]);
-        let mut pieces = Vec::new();
-        let mut c = ChunkDecoder::new();
-        for piece in stream.chunks(65_000) {
-            let b = Bytes::copy_from_slice(piece);
-            pieces.push(b.as_ptr_range());
-            c.push_bytes(b).unwrap();
-        }
-        c.finish().unwrap();
-        let chunks = c.next_chunks().expect("one frame");
-        assert!(c.next_chunks().is_none());
+    fn chunk_decoder_keeps_large_pieces_in_the_received_buffers() {
+        let (frames, stream) = chunk_stream(&[vec![100, 100_000, 40_000, 300_000]]);
         let Frame::Chunks { chunks: sent } = &frames[0] else {
             unreachable!()
         };
-        let within = |p: &[u8]| pieces.iter().any(|r| r.contains(&p.as_ptr()));
-        for ((id, got), (sent_id, data)) in chunks.iter().zip(sent) {
-            assert_eq!((id, got), (sent_id, &ChunkBytes::from(data.clone())));
-            let shared = got.parts().all(within);
-            assert_eq!(shared, data.len() >= SHARE_MIN, "{} bytes", data.len());
+        // Reads of 65,000 bytes, then of 1,000 (a peer cutting its
+        // frames small): only pieces of at least SHARE_MIN are kept.
+        for read in [65_000, 1_000, 20_000] {
+            let mut pushed = Vec::new();
+            let mut c = ChunkDecoder::new();
+            for piece in stream.chunks(read) {
+                let b = Bytes::copy_from_slice(piece);
+                pushed.push(b.as_ptr_range());
+                c.push_bytes(b).unwrap();
+            }
+            c.finish().unwrap();
+            let got = c.next_chunks().expect("one frame");
+            let kept = |p: &[u8]| pushed.iter().any(|r| r.contains(&p.as_ptr()));
+            let mut any_kept = false;
+            for ((id, data), (sent_id, bytes)) in got.iter().zip(sent) {
+                assert_eq!((id, data), (sent_id, &ChunkBytes::from(bytes.clone())));
+                for p in data.parts() {
+                    if kept(p) {
+                        assert!(p.len() >= SHARE_MIN, "a kept piece of {} bytes", p.len());
+                        any_kept = true;
+                    }
+                }
+                // Copied pieces in a row share one buffer.
+                assert!(data.parts().len() <= 2 * (bytes.len() / SHARE_MIN + 1));
+            }
+            assert_eq!(any_kept, read >= SHARE_MIN, "reads of {read}");
         }
-        // 100,000 bytes from 65,000-byte reads: in several pieces.
-        assert!(chunks[1].1.parts().len() > 1);
+        // One byte per read: the chunk comes out in one buffer.
+        let mut c = ChunkDecoder::new();
+        for b in &stream {
+            c.push(std::slice::from_ref(b)).unwrap();
+        }
+        let got = c.next_chunks().unwrap();
+        assert!(got.iter().all(|(_, d)| d.parts().len() == 1));
     }
 
     #[test]
