@@ -209,9 +209,9 @@ impl ChunkBytes {
 
     /// The BLAKE3 of the bytes: the chunk's id if they are what it names.
     /// Hashing in pieces costs BLAKE3 some speed at each boundary (a
-    /// 64 KiB piece and the rest of an 86 KB chunk: about a fifth here),
-    /// less than gathering the pieces into one buffer first costs the
-    /// whole transfer (see [`crate::wire::ChunkDecoder`]).
+    /// 64 KiB piece and the rest of an 86 KB chunk hash about a fifth
+    /// slower than one buffer); in a receiver that costs less than the
+    /// copy into one buffer it replaces (BENCHMARKS.md).
     pub fn hash(&self) -> ChunkId {
         match self.parts.as_slice() {
             [one] => ChunkId::of(one),
