@@ -235,12 +235,6 @@ impl From<Vec<u8>> for ChunkBytes {
     }
 }
 
-impl From<&[u8]> for ChunkBytes {
-    fn from(v: &[u8]) -> ChunkBytes {
-        ChunkBytes::from(v.to_vec())
-    }
-}
-
 impl PartialEq for ChunkBytes {
     fn eq(&self, other: &ChunkBytes) -> bool {
         self.len == other.len && self.parts().flatten().eq(other.parts().flatten())
