@@ -467,13 +467,7 @@ impl Manifest {
     /// The length of a tree object's encoding ([`Manifest::raw`]'s), read
     /// from how it is held, without decompressing it.
     pub fn raw_len(&self, id: &TreeId) -> Option<usize> {
-        match self.trees.get(id)?.split_first()? {
-            (0, raw) => Some(raw.len()),
-            (1, rest) if rest.len() >= 4 => {
-                Some(u32::from_le_bytes(rest[..4].try_into().ok()?) as usize)
-            }
-            _ => None,
-        }
+        Some(held_form(self.trees.get(id)?)?.0)
     }
 
     /// Decode a tree object of this manifest.
@@ -845,12 +839,27 @@ pub fn for_storage(held: &[u8]) -> std::borrow::Cow<'_, [u8]> {
     }
 }
 
-fn unpack(packed: &[u8]) -> Result<Vec<u8>, ManifestError> {
+/// A held tree's encoded length, and its bytes past the header: the
+/// encoding itself (`None`), or compressed (`Some`).
+fn held_form(held: &[u8]) -> Option<(usize, Option<&[u8]>)> {
+    match held.split_first()? {
+        (0, raw) => Some((raw.len(), None)),
+        (1, rest) if rest.len() >= 4 => {
+            let (len, packed) = rest.split_at(4);
+            Some((
+                u32::from_le_bytes(len.try_into().ok()?) as usize,
+                Some(packed),
+            ))
+        }
+        _ => None,
+    }
+}
+
+fn unpack(held: &[u8]) -> Result<Vec<u8>, ManifestError> {
     let bad = || ManifestError::Decode("damaged in-memory tree".into());
-    match packed.split_first() {
-        Some((0, raw)) => Ok(raw.to_vec()),
-        Some((1, rest)) if rest.len() >= 4 => {
-            let len = u32::from_le_bytes(rest[..4].try_into().unwrap()) as usize;
+    match held_form(held).ok_or_else(bad)? {
+        (_, None) => Ok(held[1..].to_vec()),
+        (len, Some(packed)) => {
             if len > MAX_TREE_BYTES {
                 return Err(bad());
             }
@@ -866,11 +875,10 @@ fn unpack(packed: &[u8]) -> Result<Vec<u8>, ManifestError> {
                     if d.is_none() {
                         *d = Some(zstd::bulk::Decompressor::new().ok()?);
                     }
-                    d.as_mut()?.decompress(&rest[4..], len).ok()
+                    d.as_mut()?.decompress(packed, len).ok()
                 })
                 .ok_or_else(bad)
         }
-        _ => Err(bad()),
     }
 }
 

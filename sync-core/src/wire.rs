@@ -648,8 +648,8 @@ impl FrameDecoder {
 /// are copied, each run of them into one buffer of the chunk's own, sized
 /// from its length prefix (checked against the frame's remaining length
 /// first). [`FrameDecoder`] instead gathers the whole frame and then
-/// copies every chunk out of it. The frames, limits
-/// and refusals are [`FrameDecoder`]'s; a frame of another type fails as
+/// copies every chunk out of it. The frames, limits and refusals are
+/// [`FrameDecoder`]'s; a frame of another type fails as
 /// [`WireError::Misplaced`] once its header is in.
 #[derive(Debug, Default)]
 pub struct ChunkDecoder {

@@ -316,33 +316,43 @@ impl SinkSession {
     /// A frame from the peer. `Err` means the session failed: an `Error`
     /// frame and a `Failed` event are queued. Input after the end is ignored.
     pub fn handle_frame(&mut self, frame: Frame, now: Instant) -> Result<(), SessionError> {
-        if self.is_closed() {
-            return Ok(());
+        match frame {
+            Frame::Chunks { chunks } => {
+                let chunks = chunks.into_iter().map(|(id, d)| (id, d.into())).collect();
+                self.handle_chunks(chunks, now)
+            }
+            frame => self.input(now, |s| s.on_frame(frame)),
         }
-        self.last = self.last.max(now);
-        self.on_frame(frame).map_err(|e| self.fail(e))
     }
 
     /// The chunks of a `Chunks` frame, as a data stream's decoder gives
-    /// them (see [`crate::wire::ChunkDecoder`]): what
-    /// [`SinkSession::handle_frame`] does with the frame.
+    /// them (see [`crate::wire::ChunkDecoder`]).
     pub fn handle_chunks(
         &mut self,
         chunks: Vec<(ChunkId, ChunkBytes)>,
         now: Instant,
     ) -> Result<(), SessionError> {
+        self.input(now, |s| match s.state {
+            State::Transfer => s.on_chunks(chunks),
+            state => Err(SessionError::Unexpected {
+                frame: "Chunks",
+                state: state.name(),
+            }),
+        })
+    }
+
+    /// Input from the peer at `now`, ignored after the end; an error fails
+    /// the session.
+    fn input(
+        &mut self,
+        now: Instant,
+        f: impl FnOnce(&mut Self) -> Result<(), SessionError>,
+    ) -> Result<(), SessionError> {
         if self.is_closed() {
             return Ok(());
         }
         self.last = self.last.max(now);
-        let r = match self.state {
-            State::Transfer => self.on_chunks(chunks),
-            _ => Err(SessionError::Unexpected {
-                frame: "Chunks",
-                state: self.state.name(),
-            }),
-        };
-        r.map_err(|e| self.fail(e))
+        f(self).map_err(|e| self.fail(e))
     }
 
     /// Answer to [`SinkEvent::NeedChunkCheck`]: the ids the driver lacks.
@@ -429,9 +439,6 @@ impl SinkSession {
             }
             (State::AwaitOffer, Frame::Offer { root }) => self.on_offer(root),
             (State::FetchTrees, Frame::Trees { trees }) => self.on_trees(trees),
-            (State::Transfer, Frame::Chunks { chunks }) => {
-                self.on_chunks(chunks.into_iter().map(|(id, d)| (id, d.into())).collect())
-            }
             (State::Transfer | State::Committing, Frame::Done { root }) if self.wants_closed => {
                 if Some(root) != self.offered {
                     return Err(SessionError::WrongRoot {
